@@ -1,0 +1,1 @@
+"""Data stages: prompts -> target-regenerated responses (tokens dataset) -> hidden-state features."""

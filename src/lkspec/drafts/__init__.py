@@ -1,0 +1,42 @@
+"""Draft architectures: a registry with one file per architecture.
+
+    from lkspec.drafts import build_draft, load_draft
+    draft = build_draft("mlp_speculator", hidden_size=576, vocab_size=49152, inner_dim=256, seed=0)
+"""
+
+from lkspec.drafts import medusa, mlp_speculator  # noqa: F401  (register the architectures)
+from lkspec.drafts.base import (
+    DRAFTS,
+    Draft,
+    DraftConfig,
+    Proposal,
+    build_draft,
+    check_draft_target,
+    draft_class,
+    load_draft,
+    read_draft_config,
+    register,
+)
+from lkspec.drafts.medusa import Medusa, MedusaConfig
+from lkspec.drafts.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
+
+DEFAULT_ETA = {"mlp_speculator": 3.0, "medusa": 10.0}
+"""The paper's eta for L^lambda per architecture (MEDUSA's acceptance rises slower, so it moves to TV sooner)."""
+
+__all__ = [
+    "DEFAULT_ETA",
+    "DRAFTS",
+    "Draft",
+    "DraftConfig",
+    "MLPSpeculator",
+    "MLPSpeculatorConfig",
+    "Medusa",
+    "MedusaConfig",
+    "Proposal",
+    "build_draft",
+    "check_draft_target",
+    "draft_class",
+    "load_draft",
+    "read_draft_config",
+    "register",
+]

@@ -1,0 +1,166 @@
+"""MLP-Speculator (Wertheimer et al. 2024), with the fms-extras / vLLM math exactly.
+
+A recurrent chain of small MLP stages: stage k mixes the running state with the embedding of the
+previous token and predicts the next one, so later heads condition on earlier drafted tokens (unlike
+MEDUSA). Per stage (fms form, what we train):
+
+    s = state_weight * proj_k(s) + emb_weight * sqrt(inner/2) * emb_k(token)
+    s = GELU(LN_k(s));  logits_k = head_k(s)
+
+with LN an RMS-style norm (no mean subtraction, eps 1e-6, weight and bias),
+state_weight = 0.5 ** (0.5 / K) and emb_weight = sqrt(1 - state_weight**2). vLLM computes the same
+thing divided by state_weight; the norm cancels the factor, so the same weights serve both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from lkspec.drafts.base import Draft, DraftConfig, register
+from lkspec.errors import LkspecError
+
+LN_EPS = 1e-6
+
+
+class MLPSpeculatorConfig(DraftConfig):
+    arch: str = "mlp_speculator"
+    inner_dim: int = Field(0, ge=0, description="width of each stage; 0 means the target hidden size")
+    tie_weights: bool = Field(False, description="share emb/head/ln across stages and proj[2:] with proj[1]")
+    scale_input: bool = Field(False, description="RMS-normalise the target state and divide by sqrt(2) first")
+
+    @property
+    def inner(self) -> int:
+        return self.inner_dim or self.hidden_size
+
+    @model_validator(mode="after")
+    def _tying_needs_two_heads(self) -> MLPSpeculatorConfig:
+        if self.tie_weights and self.num_heads < 2:
+            raise ValueError("tie_weights needs at least 2 heads; set num_heads >= 2 or tie_weights false")
+        return self
+
+
+class RMSNormAffine(nn.Module):
+    """fms `LayerNormParameterized(use_mean=False)`: x * rsqrt(mean(x^2) + eps) * weight + bias."""
+
+    def __init__(self, dim: int, affine: bool = True, eps: float = LN_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            x = x * self.weight + self.bias
+        return x
+
+
+@register
+class MLPSpeculator(Draft):
+    arch = "mlp_speculator"
+    config_cls = MLPSpeculatorConfig
+    config: MLPSpeculatorConfig
+
+    def __init__(self, config: MLPSpeculatorConfig) -> None:
+        super().__init__(config)
+        K, H, inner, V = config.num_heads, config.hidden_size, config.inner, config.vocab_size
+        self.emb = nn.ModuleList(nn.Embedding(V, inner) for _ in range(K))
+        self.proj = nn.ModuleList(nn.Linear(H if i == 0 else inner, inner, bias=False) for i in range(K))
+        self.head = nn.ModuleList(nn.Linear(inner, V, bias=False) for _ in range(K))
+        self.ln = nn.ModuleList(RMSNormAffine(inner) for _ in range(K))
+        self.ln0 = RMSNormAffine(H, affine=False) if config.scale_input else None
+        self.state_weight = 0.5 ** (0.5 / K)
+        self.emb_weight = math.sqrt(1 - self.state_weight**2)
+        self.activation = nn.GELU()
+        if config.tie_weights:
+            for i in range(1, K):
+                self.emb[i].weight = self.emb[0].weight
+                self.head[i].weight = self.head[0].weight
+                self.ln[i].weight = self.ln[0].weight
+                self.ln[i].bias = self.ln[0].bias
+                if i >= 2:
+                    self.proj[i].weight = self.proj[1].weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fms-extras init: truncated normal(0, 1/sqrt(inner)) for embeddings and linears; norms at identity."""
+        std = 1 / math.sqrt(self.config.inner)
+        for m in self.modules():
+            if isinstance(m, nn.Embedding | nn.Linear):
+                nn.init.trunc_normal_(m.weight, 0.0, std)
+            elif isinstance(m, RMSNormAffine) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _scaled_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self._as_param_dtype(hidden)
+        if self.ln0 is not None:
+            hidden = self.ln0(hidden) / math.sqrt(2)
+        return hidden
+
+    def step(self, i: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Stage i (0-based): new state from the previous state and the previous token."""
+        z = self.emb[i](tokens) * (self.emb_weight * math.sqrt(self.config.inner / 2))
+        state = self.proj[i](state) * self.state_weight + z
+        return self.activation(self.ln[i](state))
+
+    def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Head k at anchor t consumes tokens t+1..t+k (teacher-forced) on top of h_t."""
+        T = hidden.shape[1]
+        if input_ids.shape[:2] != hidden.shape[:2]:
+            raise LkspecError(f"hidden {tuple(hidden.shape)} and input_ids {tuple(input_ids.shape)} disagree on [B, T]")
+        state = self._scaled_input(hidden)
+        input_ids = input_ids.to(state.device).long()
+        out = []
+        for i in range(self.num_heads):
+            k = i + 1
+            n = max(T - k, 0)
+            state = self.step(i, state[:, :n], input_ids[:, k : k + n])
+            out.append(state)
+        return out
+
+    def head_weight(self, k: int) -> torch.Tensor:
+        return self.head[k - 1].weight
+
+    def _propose_logits(self, hidden: torch.Tensor, last_token: torch.Tensor, num_tokens: int,
+                        pick: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._scaled_input(hidden)
+        token = last_token.to(state.device)
+        tokens, probs = [], []
+        for i in range(num_tokens):
+            state = self.step(i, state, token)
+            token, q = pick(self.head[i](state))
+            tokens.append(token)
+            probs.append(q)
+        return torch.stack(tokens, 1), torch.stack(probs, 1)
+
+    def vllm_config(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "architectures": ["MLPSpeculatorPreTrainedModel"],
+            "model_type": "mlp_speculator",
+            "vocab_size": c.vocab_size,
+            "emb_dim": c.hidden_size,
+            "inner_dim": c.inner,
+            "n_predict": c.num_heads,
+            "top_k_tokens_per_head": [1] * c.num_heads,
+            "n_candidates": 1,
+            "tie_weights": c.tie_weights,
+            "scale_input": c.scale_input,
+        }
+
+    @classmethod
+    def config_from_vllm(cls, cfg: dict[str, Any]) -> MLPSpeculatorConfig:
+        return MLPSpeculatorConfig(
+            hidden_size=cfg["emb_dim"],
+            vocab_size=cfg["vocab_size"],
+            num_heads=cfg["n_predict"],
+            inner_dim=cfg.get("inner_dim", 0) or 0,
+            tie_weights=bool(cfg.get("tie_weights", False)),
+            scale_input=bool(cfg.get("scale_input", False)),
+        )
