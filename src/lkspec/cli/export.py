@@ -59,8 +59,9 @@ def export(
         model_id=model_id, overwrite=overwrite,
     )
     method = res.config["model_type"] if fmt == "vllm" else "arctic"
-    typer.echo(f"wrote {res.out} ({res.config['architectures'][0]}, {res.num_heads} heads, {dtype}); "
-               f"round trip max |Δlogit| {res.roundtrip['max_abs_logit_gap_vs_rounded']:.2g}")
+    typer.echo(f"wrote {res.out} ({res.config['architectures'][0]}, {res.num_heads} heads, {dtype}); reloads "
+               f"identically; max relative logit change from {dtype} rounding "
+               f"{res.roundtrip['max_rel_logit_gap_vs_source']:.2g}")
     typer.echo(f'vLLM: speculative_config={{"method": "{method}", "model": "{res.out.resolve()}", '
                f'"num_speculative_tokens": {res.num_heads}}}')
 
