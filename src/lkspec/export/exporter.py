@@ -9,9 +9,7 @@ draft it came from, and only then renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from lkspec.export.importers import PROVENANCE_FILE, read_checkpoint
 from lkspec.export.layouts import layout as served_layout
 from lkspec.export.layouts import mlp_mix_ratio, parse_dtype, truncate
 from lkspec.export.vllm_rules import check_servable
-from lkspec.io import atomic_dir, read_json, save_tensors, write_json
+from lkspec.io import atomic_dir, read_json, save_tensors, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +98,6 @@ def head_logits_gap(a: Draft, b: Draft, seed: int = 0) -> tuple[float, float]:
     return worst, worst / max(scale, 1e-30)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _share(d: Path) -> None:
-    """Readable like any file the user creates (the atomic temp files start owner-only): servers often run
-    as another user."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(d, 0o777 & ~umask)
-    for f in d.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
 def export_draft(
     draft_dir: str | Path,
     out: str | Path,
@@ -188,9 +168,8 @@ def export_draft(
             _, rel = head_logits_gap(exported, back)
             prov["roundtrip"] = {"reloads_identically": True, "max_rel_logit_gap_vs_source": rel}
             del back, reloaded
-            prov["files"] = {name: _sha256(tmp / name) for name in (WEIGHTS_FILE, CONFIG_FILE, README_FILE)}
+            prov["files"] = {name: sha256_file(tmp / name) for name in (WEIGHTS_FILE, CONFIG_FILE, README_FILE)}
             write_json(tmp / PROVENANCE_FILE, prov)
-            _share(tmp)
     except FileExistsError:
         raise LkspecError(f"{dst} appeared while exporting; pass --overwrite or choose another --out") from None
     log.info("exported %s (%s, %s, %d heads) to %s", draft.arch, fmt, dtype, n, dst)
