@@ -215,3 +215,29 @@ def test_embedded_features_equal_fresh_forward(embedded_target: Target, tmp_path
         torch.testing.assert_close(doc.hidden, fresh, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(t.logits_from_hidden(doc.hidden[None]), t.logits(doc.input_ids[None]),
                                    rtol=1e-4, atol=1e-3)
+
+
+def test_cli_all_skips_finished_stages_and_documents_flags(tiny_target_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import typer.main
+
+    from lkspec.cli import app, main
+
+    prompts = _prompts(tmp_path / "p.jsonl", 4)
+    args = ["data", "all", "--target", str(tiny_target_dir), "--prompts", str(prompts), "--out", str(tmp_path / "d"),
+            "--max-new-tokens", "5", "--gen-batch-size", "2", "--dtype", "float16", "--quiet"]
+    main(args)
+    store = FeatureStore(tmp_path / "d" / "features")
+    assert store.num_docs == 4 and store.dtype == torch.float16
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*") if p.is_file()}
+    main(args)  # everything finished: nothing is rewritten
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main([*args[:-1], "--temperature", "0.5"])
+    assert exit_.value.code == 2 and "temperature 1.0 != 0.5" in capsys.readouterr().err
+    group = typer.main.get_command(app).commands["data"]
+    for name in ("prompts", "regenerate", "features", "all"):
+        cmd = group.commands[name]
+        assert cmd.help
+        undocumented = [p.name for p in cmd.params if p.name != "help" and not getattr(p, "help", None)]
+        assert undocumented == [], f"lkspec data {name}: {undocumented}"
