@@ -114,6 +114,32 @@ def test_interrupted_run_resumes_to_identical_dataset(eos_target: Target, tmp_pa
     assert read_meta(tmp_path / "cut")["counts"] == read_meta(tmp_path / "whole")["counts"]
 
 
+def test_full_disk_keeps_finished_batches(eos_target: Target, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import lkspec.data.regenerate as regen
+
+    ps = load_prompts(source=str(write_prompt_file(tmp_path / "p.jsonl", 6)))
+    cfg = RegenConfig(max_new_tokens=6, batch_size=2)
+    real = regen._write_part
+
+    def fill_disk_at_batch_1(path: Path, data: dict) -> None:
+        if path.name == "part-000001.arrow":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(regen, "_write_part", fill_disk_at_batch_1)
+    with pytest.raises(LkspecError, match=r"disk full while writing batch 1 .*: the finished batches are kept") as e:
+        regenerate(eos_target, ps, tmp_path / "cut", cfg, progress=False)
+    assert "\n" not in str(e.value)
+    assert [p.name for p in (tmp_path / "cut" / PARTS).iterdir()] == ["part-000000.arrow"]
+    monkeypatch.setattr(regen, "_write_part", real)
+    regenerate(eos_target, ps, tmp_path / "cut", cfg, progress=False)
+    regenerate(eos_target, ps, tmp_path / "whole", cfg, progress=False)
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+
+
 KILL_SCRIPT = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})

@@ -19,13 +19,15 @@ when vLLM is installed; a prompt set that already holds the target's responses (
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import hashlib
 import importlib.util
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -150,7 +152,7 @@ class VllmBackend:
 
         source = getattr(target.model, "name_or_path", None) or target.name
         self.vllm = vllm
-        self.llm = vllm.LLM(model=str(source), tokenizer=str(source), skip_tokenizer_init=True)
+        self.llm = vllm.LLM(model=str(source), tokenizer=str(source))
         self.eos = list(target.eos_token_ids)
 
     def __call__(self, target: Target, prompts: list[list[int]], sampling: dict[str, Any], max_new_tokens: int,
@@ -251,7 +253,17 @@ def _check_resume(out: Path, meta: dict[str, Any], identity: TargetIdentity, set
         )
 
 
-def _finalize(out: Path, parts: list[Path], meta: dict[str, Any]) -> dict[str, Any]:
+@contextlib.contextmanager
+def _disk_full_is_one_line(doing: str, kept: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise LkspecError(f"disk full while {doing}: {kept}; free space and rerun the same command to resume") from None
+
+
+def _finalize(out: Path, parts: list[Path], meta: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Concatenate the parts in prompt order and save the dataset; metadata marks it complete last."""
     import datasets
     import pyarrow.compute as pc
@@ -261,7 +273,14 @@ def _finalize(out: Path, parts: list[Path], meta: dict[str, Any]) -> dict[str, A
         stale.unlink()
     table = full.data.table
     order = np.argsort(table.column("index").to_numpy(), kind="stable")
-    full.select(order).remove_columns("index").save_to_disk(str(out))
+    bars = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        full.select(order).remove_columns("index").save_to_disk(str(out))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     resp = pc.subtract(pc.list_value_length(table.column("input_ids")), table.column("num_prompt_tokens"))
     finish = dict(zip(*(c.to_pylist() for c in pc.value_counts(table.column("finish_reason")).flatten()),
                       strict=True))
@@ -368,21 +387,24 @@ def regenerate(
         else:
             results = generate(target, [prompt_ids[i] for i in idx], sampling, cfg.max_new_tokens,
                                derive_seed(cfg.seed, b))
-        _write_part(parts_dir / _part_name(b), {
-            "index": idx,
-            "prompt_id": [records[i].id for i in idx],
-            "input_ids": [prompt_ids[i] + g.response for i, g in zip(idx, results, strict=True)],
-            "loss_mask": [[0] * len(prompt_ids[i]) + [1] * len(g.response) for i, g in zip(idx, results, strict=True)],
-            "num_prompt_tokens": [len(prompt_ids[i]) for i in idx],
-            "finish_reason": [g.finish_reason for g in results],
-        })
+        with _disk_full_is_one_line(f"writing batch {b} to {parts_dir}", "the finished batches are kept"):
+            _write_part(parts_dir / _part_name(b), {
+                "index": idx,
+                "prompt_id": [records[i].id for i in idx],
+                "input_ids": [prompt_ids[i] + g.response for i, g in zip(idx, results, strict=True)],
+                "loss_mask": [[0] * len(prompt_ids[i]) + [1] * len(g.response)
+                              for i, g in zip(idx, results, strict=True)],
+                "num_prompt_tokens": [len(prompt_ids[i]) for i in idx],
+                "finish_reason": [g.finish_reason for g in results],
+            })
         new_tokens += sum(len(g.response) for g in results)
         bar.update(len(idx))
         bar.set_postfix_str(f"{new_tokens / max(time.perf_counter() - start, 1e-9):.1f} tok/s")
         if on_batch_done is not None:
             on_batch_done(b)
     bar.close()
-    meta = _finalize(out, [parts_dir / _part_name(b) for b in range(len(batches))], meta)
+    with _disk_full_is_one_line(f"saving the dataset to {out}", "all batches are kept in parts/"):
+        meta = _finalize(out, [parts_dir / _part_name(b) for b in range(len(batches))], meta, progress)
     c = meta["counts"]
     log.info("tokens dataset %s: %d rows, %d response tokens (%d ended at EOS, %d at the limit)", out, c["rows"],
              c["response_tokens"], c["finished_eos"], c["finished_length"])
