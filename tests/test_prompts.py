@@ -35,6 +35,8 @@ def test_stream_decoder_stops_at_truncation(tmp_path: Path) -> None:
         assert [c["id"] for c in iter_json_array(tmp_path / "cut.json", chunk)] == ["c0", "c1", "c2"]
     (tmp_path / "nums.json").write_text("[12345, 6789, true, 3")
     assert list(iter_json_array(tmp_path / "nums.json", 3)) == [12345, 6789, True]
+    ps = load_prompts(source=str(tmp_path / "cut.json"), shuffle=False)  # a user's own ShareGPT-style file
+    assert [(r.id, r.messages[0]["content"]) for r in ps.records] == [(f"c{i}", f"question {i} ü") for i in range(3)]
 
 
 def test_bundled_sharegpt_is_truncated_and_streams() -> None:

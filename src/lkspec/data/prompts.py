@@ -9,6 +9,7 @@ whose responses come from Llama-3.1-8B-Instruct, are accepted directly). Sources
   (about 11K usable prompts) instead of being parsed whole.
 * a JSONL file (`.jsonl`, `.jsonl.gz`): field names are configurable; rows that are not JSON objects or
   lack a prompt are skipped and counted (`strict` turns the first one into an error naming file and line).
+  A `.json` file holding one array of rows (ShareGPT's own layout) is streamed the same way as ShareGPT.
 * a Hugging Face dataset (`org/name` or `hf:org/name`, or a local dataset directory) when a hub is
   reachable.
 
@@ -262,6 +263,12 @@ def _jsonl_rows(path: Path, cfg: PromptConfig, stats: dict[str, int]) -> Iterato
             yield (str(rid) if rid is not None else f"{path.name}:{line_no}"), (row, f"{path}:{line_no}")
 
 
+def _json_array_rows(path: Path, cfg: PromptConfig) -> Iterator[tuple[str, Any]]:
+    for i, row in enumerate(iter_json_array(path)):
+        rid = get_path(row, cfg.id_field or "id") if isinstance(row, dict) else None
+        yield (str(rid) if rid is not None else f"{path.name}:{i}"), (row, f"{path} item {i}")
+
+
 def _hf_rows(cfg: PromptConfig) -> Iterator[tuple[str, Any]]:
     import datasets
 
@@ -303,7 +310,9 @@ def source_kind(source: str) -> str:
     if source.startswith("hf:"):
         return "hf"
     path = Path(source).expanduser()
-    if path.is_file() or source.endswith((".jsonl", ".jsonl.gz", ".json")):
+    if source.endswith(".json"):
+        return "json"
+    if path.is_file() or source.endswith((".jsonl", ".jsonl.gz")):
         return "jsonl"
     if path.is_dir() and (path / "dataset_info.json").is_file():
         return "hf"
@@ -319,11 +328,12 @@ def _raw_rows(cfg: PromptConfig, stats: dict[str, int]) -> Iterator[tuple[str, A
     if kind == "sharegpt":
         for rid, conv in _sharegpt_rows():
             yield rid, conv, rid
-    elif kind == "jsonl":
+    elif kind in ("jsonl", "json"):
         path = Path(cfg.source).expanduser()
         if not path.is_file():
             raise LkspecError(f"prompt file {path} does not exist; check the path")
-        for rid, (row, where) in _jsonl_rows(path, cfg, stats):
+        rows = _jsonl_rows(path, cfg, stats) if kind == "jsonl" else _json_array_rows(path, cfg)
+        for rid, (row, where) in rows:
             yield rid, row, where
     else:
         for rid, (row, where) in _hf_rows(cfg):
