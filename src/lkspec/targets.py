@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lkspec.errors import LkspecError
-from lkspec.io import atomic_dir, read_json, write_json
+from lkspec.io import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,6 @@ class TargetIdentity(BaseModel):
                 f"{what} was made for target {other.name!r}, not {self.name!r} ({'; '.join(diffs)}); "
                 f"rebuild it with --target {self.name} or pass the target it was made for"
             )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def embedded_gguf_path() -> Path:

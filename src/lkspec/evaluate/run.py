@@ -1,0 +1,189 @@
+"""`lkspec eval`: sample the target once, replay every draft on the same samples, write the report.
+
+Order of work, so that a bad input fails before anything expensive: validate the settings and every
+draft (identity, K), render the prompts, then generate (or load) the target samples per benchmark,
+temperature and seed, then replay each draft under each rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from lkspec.config import StrictModel, parse
+from lkspec.data.benchmarks import BENCHMARKS, canonical_name, load_benchmark
+from lkspec.drafts import Draft, check_draft_target, load_draft
+from lkspec.errors import LkspecError
+from lkspec.evaluate.replay import RULES, PromptReplay, check_rule, draft_traces, replay_trace
+from lkspec.evaluate.report import Cell, Cost, EvalReport
+from lkspec.evaluate.samples import Prompt, SampleSettings, target_samples
+from lkspec.sampling import check_temperature
+from lkspec.targets import Target
+
+log = logging.getLogger(__name__)
+
+
+class EvalSettings(StrictModel):
+    benchmarks: list[str] = Field(default_factory=lambda: list(BENCHMARKS))
+    limit: int | None = Field(None, ge=1, description="first N prompts of each benchmark")
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0])
+    rules: list[str] = Field(default_factory=lambda: list(RULES))
+    k: int | None = Field(None, ge=1, description="tokens drafted per round; default: the drafts' head count")
+    max_new_tokens: int = Field(256, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, ge=1, description="prompts per batch when sampling the target")
+    bootstrap: int = Field(2000, ge=100)
+    use_cache: bool = True
+
+    def checked(self) -> EvalSettings:
+        """A normalised copy (canonical benchmark names, sorted unique temperatures); one-line errors otherwise."""
+        for t in self.temperatures:
+            check_temperature(t)
+        if not self.temperatures:
+            raise LkspecError("no temperature given; pass --temperature 0 and/or --temperature 1")
+        if not self.rules:
+            raise LkspecError(f"no acceptance rule given; pass --rule with one of {', '.join(RULES)}")
+        rules = list(dict.fromkeys(check_rule(r) for r in self.rules))
+        names = [b for b in self.benchmarks if b.strip()]
+        if not names:
+            raise LkspecError(f"no benchmark selected; pass --benchmark with one of {', '.join(BENCHMARKS)}")
+        if not self.seeds:
+            raise LkspecError("no seed given; pass --seed 0 (or several)")
+        return self.model_copy(update={
+            "temperatures": sorted(dict.fromkeys(float(t) for t in self.temperatures)),
+            "rules": rules,
+            "benchmarks": list(dict.fromkeys(canonical_name(b) for b in names)),
+            "seeds": list(dict.fromkeys(self.seeds)),
+        })
+
+
+def eval_settings(**kwargs: object) -> EvalSettings:
+    """Settings from keyword arguments, validated: unknown keys and bad values are one-line LkspecErrors."""
+    return parse(EvalSettings, dict(kwargs), "evaluation settings").checked()
+
+
+@dataclass
+class DraftEntry:
+    label: str
+    path: str
+    draft: Draft
+
+
+def load_drafts(paths: Sequence[str | Path], target: Target, labels: Sequence[str] | None = None) -> list[DraftEntry]:
+    """Load every draft for this target (refusing one made for another) with unique labels."""
+    if not paths:
+        raise LkspecError("no draft given; pass one or more draft directories (written by `lkspec train`)")
+    if labels and len(labels) != len(paths):
+        raise LkspecError(f"got {len(labels)} labels for {len(paths)} drafts; pass one --label per draft or none")
+    out = []
+    for i, p in enumerate(paths):
+        draft = load_draft(p, target=target.identity, device=target.device).eval()
+        label = labels[i] if labels else Path(p).resolve().name
+        out.append(DraftEntry(label, str(p), draft))
+    seen: dict[str, int] = {}
+    for e in out:  # make labels unique (two runs named "run" in different folders)
+        if e.label in seen:
+            seen[e.label] += 1
+            e.label = f"{e.label}#{seen[e.label]}"
+        else:
+            seen[e.label] = 1
+    return out
+
+
+def resolve_k(drafts: Sequence[DraftEntry], k: int | None) -> int:
+    heads = min(e.draft.num_heads for e in drafts)
+    if k is None:
+        return heads
+    if k > heads:
+        worst = min(drafts, key=lambda e: e.draft.num_heads)
+        raise LkspecError(f"K = {k} but draft {worst.label!r} has only {worst.draft.num_heads} heads; use --k {heads} "
+                          f"or fewer")
+    return k
+
+
+def benchmark_prompts(target: Target, benchmarks: Sequence[str], limit: int | None) -> dict[str, list[Prompt]]:
+    out = {}
+    for b in benchmarks:
+        records = load_benchmark(b, limit=limit)
+        if not records:
+            raise LkspecError(f"benchmark {b!r} has no prompts; choose another with --benchmark")
+        out[b] = [Prompt(b, r.id, target.render_chat(r.messages)) for r in records]
+    return out
+
+
+def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSettings, *,
+             progress: bool = True, prompts: dict[str, list[Prompt]] | None = None) -> EvalReport:
+    """Exact tau of every draft on shared target samples (see lkspec.evaluate.replay)."""
+    s = settings.checked()
+    if not drafts:
+        raise LkspecError("no draft given; pass one or more draft directories")
+    for e in drafts:
+        check_draft_target(e.draft.config, target.identity, what=f"draft {e.label!r}")
+    K = resolve_k(drafts, s.k)
+    prompts = prompts if prompts is not None else benchmark_prompts(target, s.benchmarks, s.limit)
+    benchmarks = list(prompts)
+    labels = [e.label for e in drafts]
+    models = [e.draft for e in drafts]
+    cost = Cost(draft_s=dict.fromkeys(labels, 0.0))
+    per_prompt: dict[tuple[str, float, str, str], dict[str, PromptReplay]] = {}
+    for T in s.temperatures:
+        seeds: list[int | None] = list(s.seeds) if T > 0 else [None]
+        for seed in seeds:
+            for bench in benchmarks:
+                sset = SampleSettings(temperature=T, top_k=s.top_k, top_p=s.top_p, seed=seed,
+                                      max_new_tokens=s.max_new_tokens)
+                run = target_samples(target, prompts[bench], sset, batch_size=s.batch_size, use_cache=s.use_cache,
+                                     progress=progress, desc=f"sampling {bench} T={T:g}")
+                cost.generation_s += run.seconds
+                cost.generated_tokens += run.generated_tokens
+                cost.generated_samples += run.generated
+                cost.cached_samples += len(run.samples) - run.generated
+                bar = tqdm(run.samples, desc=f"replay {bench} T={T:g}", unit="prompt", disable=not progress,
+                           leave=False)
+                tokens, t0 = 0, time.perf_counter()
+                for sample in bar:
+                    traces, p_s = draft_traces(models, target, sample, temperature=T, top_k=s.top_k, top_p=s.top_p,
+                                               num_heads=K)
+                    cost.target_head_s += p_s
+                    for lab, tr in zip(labels, traces, strict=True):
+                        t1 = time.perf_counter()
+                        for rule in s.rules:
+                            c = replay_trace(tr, rule, T, K)
+                            acc = per_prompt.setdefault((lab, T, rule, bench), {})
+                            acc[sample.id] = acc[sample.id] + c if sample.id in acc else c
+                        cost.draft_s[lab] += tr.seconds + time.perf_counter() - t1
+                    tokens += sample.n
+                    bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+                bar.close()
+    cells = {key: Cell(list(v.values())) for key, v in per_prompt.items()}
+    return EvalReport(
+        target=target.identity.model_dump(), drafts=[(e.label, e.path) for e in drafts], benchmarks=benchmarks,
+        temperatures=list(s.temperatures), rules=list(s.rules), k=K, max_new_tokens=s.max_new_tokens,
+        seeds=list(s.seeds), cells=cells, cost=cost, bootstrap=s.bootstrap,
+    )
+
+
+def run_eval(target_spec: str, draft_paths: Sequence[str | Path], settings: EvalSettings, *,
+             labels: Sequence[str] | None = None, out: str | Path = "results.json", table: str | Path | None = None,
+             plot: str | Path | None = None, device: str | None = None, progress: bool = True) -> EvalReport:
+    """Everything `lkspec eval` does: load, evaluate, write JSON + markdown + PNG (atomically)."""
+    from lkspec.targets import load_target
+
+    out = Path(out)
+    if out.suffix != ".json":
+        raise LkspecError(f"--out must name a .json file, got {out}")
+    target = load_target(target_spec, device=device)
+    drafts = load_drafts(draft_paths, target, labels)
+    report = evaluate(target, drafts, settings, progress=progress)
+    report.write_json(out)
+    report.write_markdown(Path(table) if table else out.with_suffix(".md"))
+    report.plot(Path(plot) if plot else out.with_suffix(".png"))
+    return report

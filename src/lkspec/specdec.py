@@ -1,0 +1,313 @@
+"""The round-by-round lossless speculative generator (the engine), and the user-facing `generate`.
+
+One round, with the target's KV cache holding every position before the last emitted token:
+
+1. the draft proposes K tokens from h (the target's post-norm state that produced the last emitted
+   token) and that token (`Draft.propose`);
+2. ONE target pass over [last token, d_1 .. d_K] gives p at the K+1 positions;
+3. Leviathan et al.: accept d_i with probability min(1, p(d_i)/q(d_i)); at the first rejection emit a
+   token from norm(max(0, p - q)) and stop; if all K pass, emit a bonus token from p;
+4. crop the cache back to the accepted prefix (HF `DynamicCache.crop`).
+
+p and q are warped by the same temperature/top-k/top-p (`lkspec.sampling.warp_probs`), so the output is
+distributed exactly as the target's own sampling; at T = 0 everything is argmax and the output equals
+the target's greedy decoding. `rule="greedy"` is vLLM's behaviour at T > 0: drafts are argmax q and q is
+treated as one-hot (accept d w.p. p(d), else resample from p with d removed) - still lossless, but with
+per-position acceptance p(argmax q) instead of sum min(p, q).
+
+The first round starts at the first response token: the prompt minus its last token is prefilled, and
+the last prompt token plays the role of "last emitted token". Every round therefore costs one target
+pass and emits 1..K+1 tokens, which is what tau counts and what the coupling replay predicts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lkspec.drafts import Draft, check_draft_target
+from lkspec.errors import LkspecError
+from lkspec.sampling import check_temperature, sample, warp_probs
+from lkspec.targets import Target
+
+GEN_RULES = ("sampled", "greedy")
+
+
+@dataclass
+class GenerationResult:
+    """One speculative generation: the tokens and the counts tau and per-position acceptance come from."""
+
+    prompt_ids: list[int]
+    tokens: list[int]
+    rounds: int
+    finished: bool  # ended with an EOS token
+    seconds: float
+    k: int
+    round_log: list[tuple[int, int]] = field(default_factory=list)  # (boundary b, accepted drafts) per round
+
+    @property
+    def tau(self) -> float:
+        return len(self.tokens) / self.rounds if self.rounds else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else float("nan")
+
+    def position_counts(self) -> tuple[list[int], list[int]]:
+        """(tried, accepted) per draft position, counting only positions inside the final response.
+
+        Same convention as the replay: a drafted position beyond the end (EOS or max tokens) does not count.
+        """
+        n = len(self.tokens)
+        tried, accepted = [0] * self.k, [0] * self.k
+        for b, j in self.round_log:
+            for i in range(self.k):
+                if b + i >= n:
+                    break
+                if i <= j:
+                    tried[i] += 1
+                if i < j:
+                    accepted[i] += 1
+        return tried, accepted
+
+    @property
+    def acceptance(self) -> list[float]:
+        tried, acc = self.position_counts()
+        return [a / t if t else float("nan") for a, t in zip(acc, tried, strict=True)]
+
+    @property
+    def acceptance_cumulative(self) -> list[float]:
+        _, acc = self.position_counts()
+        return [a / self.rounds if self.rounds else float("nan") for a in acc]
+
+
+class SpeculativeGenerator:
+    """Lossless speculative decoding of one sequence with a target and a draft (batch size 1).
+
+        gen = SpeculativeGenerator(target, draft, temperature=1.0)
+        result = gen.generate(prompt_ids, max_new_tokens=128, seed=0)
+        result.tokens, result.tau
+    """
+
+    def __init__(self, target: Target, draft: Draft, *, k: int | None = None, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, rule: str = "sampled") -> None:
+        check_temperature(temperature)
+        if rule not in GEN_RULES:
+            raise LkspecError(f"unknown acceptance rule {rule!r}; choose from {', '.join(GEN_RULES)}")
+        if not 0 < top_p <= 1:
+            raise LkspecError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise LkspecError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        check_draft_target(draft.config, target.identity)
+        self.k = draft.num_heads if k is None else k
+        if not 1 <= self.k <= draft.num_heads:
+            raise LkspecError(f"K = {self.k} but the draft has {draft.num_heads} heads; use --k {draft.num_heads} "
+                              f"or fewer")
+        self.target, self.draft = target, draft.to(target.device).eval()
+        self.temperature, self.top_k, self.top_p, self.rule = float(temperature), top_k, top_p, rule
+
+    @staticmethod
+    def accept(p: torch.Tensor, q: torch.Tensor, token: int, g: torch.Generator) -> bool:
+        """Leviathan's test: keep the draft token with probability min(1, p(token) / q(token))."""
+        ratio = float(p[token]) / max(float(q[token]), 1e-30)
+        return ratio >= 1.0 or float(torch.rand((), generator=g, device=g.device)) < ratio
+
+    @staticmethod
+    def correction(p: torch.Tensor, q: torch.Tensor, g: torch.Generator) -> int:
+        """The token emitted after a rejection: a draw from norm(max(0, p - q))."""
+        resid = (p - q).clamp_min(0.0)
+        if float(resid.sum()) <= 0.0:  # only when p == q, where a rejection cannot happen; p is then exact
+            resid = p
+        return int(sample(resid / resid.sum(), g))
+
+    def _p(self, hidden: torch.Tensor) -> torch.Tensor:
+        return warp_probs(self.target.logits_from_hidden(hidden), self.temperature, self.top_k, self.top_p)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        """Generate up to `max_new_tokens` tokens (stopping after an EOS); `on_tokens` sees each round's output."""
+        from transformers import DynamicCache
+
+        if max_new_tokens < 1:
+            raise LkspecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt = list(prompt_ids)
+        if len(prompt) < 2:
+            raise LkspecError("the prompt needs at least 2 tokens (render it with the target's chat template)")
+        target, dev, K = self.target, self.target.device, self.k
+        g = generator
+        if g is None:
+            g = torch.Generator(device=dev)
+            g.manual_seed(seed if seed is not None else torch.seed())
+        eos = set(target.eos_token_ids)
+        greedy_draft = self.rule == "greedy" or self.temperature == 0
+        decoder = target.model.get_decoder()
+        t0 = time.perf_counter()
+        cache = DynamicCache(config=target.model.config)
+        ids = torch.tensor([prompt], device=dev)
+        h_prev = decoder(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        last = ids[:, -1]
+        out: list[int] = []
+        log: list[tuple[int, int]] = []
+        finished = False
+        while len(out) < max_new_tokens and not finished:
+            prop = self.draft.propose(h_prev, last, temperature=0.0 if greedy_draft else self.temperature,
+                                      top_k=self.top_k, top_p=self.top_p, num_tokens=K, generator=g)
+            drafts, q = prop.tokens[0].to(dev), prop.probs[0].to(dev)
+            base = cache.get_seq_length()  # position of `last`
+            hs = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), past_key_values=cache,
+                         use_cache=True).last_hidden_state[0]  # [K+1, H]
+            p = self._p(hs)
+            j, new = 0, []
+            for i in range(K):
+                d = int(drafts[i])
+                if self.accept(p[i], q[i], d, g):
+                    new.append(d)
+                    j += 1
+                    continue
+                new.append(self.correction(p[i], q[i], g))
+                break
+            else:
+                new.append(int(sample(p[K], g)))
+            _crop(cache, base + 1 + j)  # keep `last` and the accepted drafts
+            h_prev, last = hs[j][None], torch.tensor([new[-1]], device=dev)
+            log.append((len(out), j))
+            new = new[: max_new_tokens - len(out)]
+            for i, tok in enumerate(new):
+                if tok in eos:
+                    new, finished = new[: i + 1], True
+                    break
+            out.extend(new)
+            if on_tokens is not None:
+                on_tokens(new)
+        return GenerationResult(prompt, out, len(log), finished, time.perf_counter() - t0, K, log)
+
+
+def _crop(cache: object, keep: int) -> None:
+    """Roll the KV cache back to its first `keep` positions.
+
+    A negative argument means "remove this many" in every transformers version (older ones also read a
+    positive one as the final length; 5.x refuses it).
+    """
+    remove = cache.get_seq_length() - keep  # type: ignore[attr-defined]
+    if remove > 0:
+        cache.crop(-remove)  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def plain_generate(target: Target, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float,
+                   top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> tuple[list[int], float]:
+    """The baseline: the target alone through HF `generate` (tokens, seconds)."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
+        top_k=top_k or None, top_p=top_p if temperature > 0 and top_p < 1 else None,
+        eos_token_id=target.eos_token_ids, pad_token_id=target.pad_token_id,
+    )
+    ids = torch.tensor([list(prompt_ids)], device=target.device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    out = target.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    seconds = time.perf_counter() - t0
+    return out[0, ids.shape[1] :].tolist(), seconds
+
+
+def _warm_up(target: Target) -> None:
+    """One tiny forward: the first call into a model pays one-time setup that must not count as speed."""
+    with torch.no_grad():
+        target.hidden_states(torch.tensor([[target.pad_token_id, target.pad_token_id]]))
+
+
+def run_generate(
+    target_spec: str,
+    draft_path: str | Path,
+    *,
+    prompts: Sequence[str] = (),
+    benchmark: str | None = None,
+    limit: int = 3,
+    k: int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    rule: str = "sampled",
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    stream: bool = True,
+    compare: bool = True,
+    device: str | None = None,
+    echo: Callable[..., None] = print,
+) -> list[GenerationResult]:
+    """What `lkspec generate` does: stream each prompt's speculative output, then tau and speed vs the target."""
+    from lkspec.data.benchmarks import load_benchmark
+    from lkspec.drafts import load_draft
+    from lkspec.targets import load_target
+
+    check_temperature(temperature)
+    if rule not in GEN_RULES:
+        raise LkspecError(f"unknown acceptance rule {rule!r}; choose from {', '.join(GEN_RULES)}")
+    target = load_target(target_spec, device=device)
+    draft = load_draft(draft_path, target=target.identity, device=target.device)
+    gen = SpeculativeGenerator(target, draft, k=k, temperature=temperature, top_k=top_k, top_p=top_p, rule=rule)
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    if benchmark:
+        messages += [r.messages for r in load_benchmark(benchmark, limit=limit)]
+    tok = target.tokenizer
+    _warm_up(target)
+    results = []
+    spec_s = plain_s = 0.0
+    spec_n = plain_n = 0
+    for i, msgs in enumerate(messages):
+        ids = target.render_chat(msgs)
+        echo(f"\n── prompt {i + 1}/{len(messages)}: {msgs[-1]['content'][:100]!r}")
+        shown: list[int] = []
+        printed = ""
+
+        def show(new: list[int], shown: list[int] = shown) -> None:
+            nonlocal printed
+            shown.extend(new)
+            text = tok.decode(shown, skip_special_tokens=True)
+            echo(text[len(printed) :], nl=False)
+            printed = text
+
+        res = gen.generate(ids, max_new_tokens=max_new_tokens, seed=seed + i, on_tokens=show if stream else None)
+        if not stream:
+            echo(tok.decode(res.tokens, skip_special_tokens=True), nl=False)
+        echo("")
+        results.append(res)
+        spec_s += res.seconds
+        spec_n += len(res.tokens)
+        acc = ", ".join(f"{a:.2f}" for a in res.acceptance)
+        line = (f"[spec] {len(res.tokens)} tokens in {res.rounds} rounds: tau {res.tau:.3f}; acceptance by "
+                f"position [{acc}]; {res.tokens_per_second:.1f} tok/s")
+        if compare:
+            plain, seconds = plain_generate(target, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                            top_k=top_k, top_p=top_p, seed=seed + i)
+            plain_s += seconds
+            plain_n += len(plain)
+            rate = len(plain) / seconds if seconds > 0 else float("nan")
+            line += (f"; plain HF generate {rate:.1f} tok/s ({len(plain)} tokens); "
+                     f"speed-up {res.tokens_per_second / rate:.2f}x")
+            if temperature == 0 and plain != res.tokens:
+                line += " (WARNING: greedy outputs differ; numerical ties?)"
+        echo(line)
+    if len(results) > 1:
+        rounds = sum(r.rounds for r in results)
+        spec_rate = spec_n / spec_s
+        summary = f"\n[total] {spec_n} tokens in {rounds} rounds: tau {spec_n / rounds:.3f}; {spec_rate:.1f} tok/s"
+        if compare and plain_s > 0:
+            plain_rate = plain_n / plain_s
+            summary += f" vs plain {plain_rate:.1f} tok/s: speed-up {spec_rate / plain_rate:.2f}x"
+        echo(summary)
+    return results
