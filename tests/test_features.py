@@ -254,7 +254,7 @@ def test_embedded_features_equal_fresh_forward(embedded_target: Target, tmp_path
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Name a color.", "What is the capital of "
                                                                        "France? One word.", "Count to five."]))
-    regenerate(t, load_prompts(source=str(path)), tmp_path / "tok", RegenConfig(max_new_tokens=12, batch_size=3),
+    regenerate(t, load_prompts(source=str(path)), tmp_path / "tok", RegenConfig(max_new_tokens=6, batch_size=3),
                progress=False)
     store = extract_features(t, tmp_path / "tok", tmp_path / "f", dtype="float32", batch_size=3, progress=False)
     assert store.num_docs == 3 and store.identity == t.identity
