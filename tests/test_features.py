@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+import lkspec
 import lkspec.io
 from lkspec.data.features import (
     INDEX,
@@ -96,6 +102,48 @@ def test_interrupted_extraction_resumes_identically(tiny_target: Target, tokens:
     extract_features(tiny_target, tokens, tmp_path / "cut", dtype="float32", progress=False,
                      on_shard_done=again.append, **SMALL)
     assert again == []  # complete: skipped
+
+
+KILL_SCRIPT = """
+import time, torch
+torch.set_num_threads({threads})
+from lkspec.targets import load_target
+from lkspec.data.features import extract_features
+
+def hook(s):
+    if s == 1:
+        print("SHARD-1-DONE", flush=True)
+        time.sleep(120)
+
+extract_features(load_target({target!r}, device="cpu"), {tokens!r}, {out!r}, dtype="float32", progress=False,
+                 on_shard_done=hook, batch_size=3, shard_tokens=150)
+"""
+
+
+def test_sigkilled_extraction_resumes_identically(tiny_target: Target, tiny_target_dir: Path, tokens: Path,
+                                                  tmp_path: Path) -> None:
+    """A process killed outright (no exception handler runs) leaves a store that resumes to the same shards."""
+    script = KILL_SCRIPT.format(threads=torch.get_num_threads(), target=str(tiny_target_dir), tokens=str(tokens),
+                                out=str(tmp_path / "cut"))
+    env = {**os.environ, "PYTHONPATH": str(Path(lkspec.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, env=env,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "SHARD-1-DONE" in line:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(FeatureStore(tmp_path / "cut").shards) == 2
+    ran: list[int] = []
+    cut = extract_features(tiny_target, tokens, tmp_path / "cut", dtype="float32", progress=False,
+                           on_shard_done=ran.append, **SMALL)
+    whole = extract_features(tiny_target, tokens, tmp_path / "whole", dtype="float32", progress=False, **SMALL)
+    assert ran == list(range(2, len(whole.shards)))
+    assert cut.shards == whole.shards and _same(_docs(cut), _docs(whole))
 
 
 def test_full_disk_keeps_earlier_shards(tiny_target: Target, tokens: Path, tmp_path: Path,
@@ -206,7 +254,7 @@ def test_embedded_features_equal_fresh_forward(embedded_target: Target, tmp_path
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["Name a color.", "What is the capital of "
                                                                        "France? One word.", "Count to five."]))
-    regenerate(t, load_prompts(source=str(path)), tmp_path / "tok", RegenConfig(max_new_tokens=12, batch_size=3),
+    regenerate(t, load_prompts(source=str(path)), tmp_path / "tok", RegenConfig(max_new_tokens=6, batch_size=3),
                progress=False)
     store = extract_features(t, tmp_path / "tok", tmp_path / "f", dtype="float32", batch_size=3, progress=False)
     assert store.num_docs == 3 and store.identity == t.identity
