@@ -1,0 +1,260 @@
+"""The whole job in one config: prompts -> regenerate -> features -> train (one run per loss) -> eval -> export.
+
+`lkspec demo` is this pipeline with a built-in config for the embedded target; `lkspec run CONFIG` runs a
+shipped recipe (configs/llama31-8b-*.yaml is the paper's). Every stage already resumes or skips finished
+work, so a rerun only re-does what changed; the pipeline itself is wiring plus one record
+(`pipeline.json`) that refuses to mix outputs of two different configs in one directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from lkspec.config import StrictModel, parse
+from lkspec.data.prompts import PromptConfig
+from lkspec.data.regenerate import RegenConfig
+from lkspec.errors import LkspecError
+from lkspec.evaluate.run import EvalSettings
+from lkspec.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+RECORD = "pipeline.json"
+ARCH_SHORT = {"mlp_speculator": "mlp", "medusa": "medusa"}
+
+
+class FeatureOptions(StrictModel):
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    batch_size: int = Field(8, ge=1, description="documents per teacher-forced forward pass")
+    shard_tokens: int = Field(32768, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="token budget")
+    online: bool = Field(False, description="compute hidden states on the fly instead of caching them on disk")
+
+
+class DataSection(StrictModel):
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    regenerate: RegenConfig = Field(default_factory=RegenConfig)
+    features: FeatureOptions = Field(default_factory=FeatureOptions)
+
+
+class ExportOptions(StrictModel):
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    format: Literal["vllm", "arctic"] = "vllm"
+    base_model: str | None = Field(None, description="hub id written into the card (default: the target's)")
+
+
+class PipelineConfig(StrictModel):
+    """One file for the whole chain. `train` is a `lkspec train` config without target/features (set here)."""
+
+    name: str = "lkspec"
+    target: str = "smollm2-135m-instruct"
+    device: str | None = None
+    archs: list[Literal["mlp_speculator", "medusa"]] = Field(default_factory=lambda: ["mlp_speculator"])
+    losses: list[str] = Field(default_factory=lambda: ["kl", "lk_hybrid"],
+                              description="one training run per (arch, loss); the first loss is the baseline")
+    arch_options: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                    description="per-arch draft options, e.g. mlp_speculator: "
+                                                                "{inner_dim: 256}")
+    data: DataSection = Field(default_factory=DataSection)
+    train: dict[str, Any] = Field(default_factory=dict)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    export: ExportOptions = Field(default_factory=ExportOptions)
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        from lkspec.losses import LOSSES
+
+        if not self.archs:
+            raise ValueError("archs is empty; list mlp_speculator and/or medusa")
+        if not self.losses:
+            raise ValueError("losses is empty; list at least one of " + ", ".join(LOSSES))
+        for loss in self.losses:
+            if loss not in LOSSES:
+                raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        for key in ("target", "features"):
+            if key in self.train:
+                raise ValueError(f"train.{key} is set by the pipeline; remove it (use the top-level target)")
+        for arch in self.arch_options:
+            if arch not in ("mlp_speculator", "medusa"):
+                raise ValueError(f"arch_options has unknown architecture {arch!r}")
+        for arch in self.archs:  # every run's training config must parse now, not hours later
+            for loss in self.losses:
+                self.train_config(arch, loss, Path("."))
+        self.eval.checked()
+        return self
+
+    def run_names(self) -> list[tuple[str, str, str]]:
+        """(name, arch, loss) of every training run, baseline loss first within each arch."""
+        return [(f"{ARCH_SHORT[a]}-{loss}", a, loss) for a in self.archs for loss in self.losses]
+
+    def train_config(self, arch: str, loss: str, out: Path) -> Any:
+        from lkspec.train.config import build_config, flatten
+
+        overrides = {
+            **flatten(self.train),
+            "target": self.target,
+            "features": str(out / "data" / "features"),
+            "draft.arch": arch,
+            **{f"draft.{k}": v for k, v in self.arch_options.get(arch, {}).items()},
+            "loss.name": loss,
+        }
+        return build_config(None, overrides)
+
+
+def load_pipeline_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                         base: dict[str, Any] | None = None) -> PipelineConfig:
+    """base < YAML file < dotted overrides (`--set train.epochs=2`); unknown keys are one-line errors."""
+    from lkspec.train.config import flatten, read_yaml, set_dotted
+
+    data: dict[str, Any] = {}
+    for k, v in flatten(base or {}).items():
+        set_dotted(data, k, v)
+    if path is not None:
+        for k, v in flatten(read_yaml(path)).items():
+            set_dotted(data, k, v)
+    for k, v in (overrides or {}).items():
+        set_dotted(data, k, v)
+    return parse(PipelineConfig, data, f"pipeline config{f' {path}' if path else ''}")
+
+
+@dataclass
+class StageTime:
+    name: str
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    config: PipelineConfig
+    runs: dict[str, Path] = field(default_factory=dict)
+    exports: dict[str, Path] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)  # arch short name -> lkspec.evaluate.EvalReport
+    results: dict[str, Path] = field(default_factory=dict)  # run name -> its results JSON
+    times: list[StageTime] = field(default_factory=list)
+    draft_params: dict[str, int] = field(default_factory=dict)
+    data_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_record(out: Path, cfg: PipelineConfig) -> None:
+    """One output directory holds one config's results; a different config must not mix into it."""
+    rec = out / RECORD
+    now = cfg.model_dump(mode="json")
+    if rec.is_file():
+        old = read_json(rec).get("config")
+        if old is not None and old != now:
+            from lkspec.train.config import flatten
+
+            a, b = flatten(old), flatten(now)
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+            raise LkspecError(f"{out} holds results of different settings ({shown}); choose another output folder "
+                              f"(--out) or pass --fresh to start over there")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(rec, {"format": "lkspec-pipeline/1", "config": now})
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
+                 announce: Callable[[str], None] = print) -> PipelineResult:
+    """Run (or finish) every stage into `out`; returns paths, the evaluation report and stage timings."""
+    from lkspec.data.pipeline import run_all
+    from lkspec.drafts import load_draft
+    from lkspec.evaluate.run import DraftEntry, evaluate
+    from lkspec.export.exporter import export_draft
+    from lkspec.targets import load_target
+    from lkspec.train import train
+
+    out = Path(out)
+    _check_record(out, cfg)
+    res = PipelineResult(out=out, config=cfg)
+    runs = cfg.run_names()
+    n_stages = 4 + len(runs)
+
+    def stage(i: int, text: str) -> float:
+        announce(f"[{i}/{n_stages}] {text}")
+        return time.perf_counter()
+
+    t = stage(1, f"target {cfg.target}")
+    target = load_target(cfg.target, device=cfg.device)
+    res.times.append(StageTime("load target", time.perf_counter() - t))
+
+    t = stage(2, "data: prompts -> target-regenerated responses -> hidden-state features")
+    f = cfg.data.features
+    feature_kw: dict[str, Any] = {"dtype": f.dtype, "batch_size": f.batch_size, "shard_tokens": f.shard_tokens,
+                                  "max_tokens": f.max_tokens}
+    if f.online:
+        from lkspec.data.features import OnlineFeatures
+        from lkspec.data.prompts import load_prompts, write_prompts_jsonl
+        from lkspec.data.regenerate import regenerate
+
+        ps = load_prompts(cfg.data.prompts)
+        write_prompts_jsonl(ps, out / "data" / "prompts.jsonl")
+        regenerate(target, ps, out / "data" / "tokens", cfg.data.regenerate, progress=progress)
+        store: Any = OnlineFeatures(target, out / "data" / "tokens", **feature_kw)
+    else:
+        paths = run_all(lambda _stage: target, cfg.data.prompts, cfg.data.regenerate, out / "data",
+                        progress=progress, **feature_kw)
+        from lkspec.data.features import FeatureStore
+
+        store = FeatureStore(paths["features"])
+    res.data_stats = {"docs": store.num_docs, "tokens": store.num_tokens, "loss_tokens": store.num_loss_tokens}
+    res.times.append(StageTime("data", time.perf_counter() - t,
+                               f"{store.num_docs} responses, {store.num_tokens:,} tokens"))
+
+    for i, (name, arch, loss) in enumerate(runs):
+        tcfg = cfg.train_config(arch, loss, out).model_copy(update={"progress": progress})
+        run_dir = out / "runs" / name
+        t = stage(3 + i, f"train {name}: {arch}, loss {loss}"
+                  + (f" (eta {tcfg.eta:g})" if loss.startswith("lk_hybrid") else ""))
+        from lkspec.train.checkpoint import state_dir
+
+        resume = state_dir(run_dir) is not None
+        result = train(tcfg, run_dir, store=store, target=target, resume=resume)
+        res.runs[name] = run_dir
+        if result.draft is not None:
+            res.draft_params[name] = result.draft.num_parameters()
+        res.times.append(StageTime(f"train {name}", time.perf_counter() - t,
+                                   f"{result.step} steps, best held-out simulated tau "
+                                   f"{result.best_tau:.3f}" if result.best_tau is not None else ""))
+
+    t = stage(n_stages - 1, "evaluate: exact tau by coupling replay (target samples shared by all drafts)")
+    groups: dict[str, list[DraftEntry]] = {}
+    for name, arch, _ in runs:  # paired comparison within an architecture: baseline loss first
+        draft = load_draft(res.runs[name], target=target.identity, device=target.device).eval()
+        groups.setdefault(ARCH_SHORT[arch], []).append(DraftEntry(name, str(res.runs[name]), draft))
+    for short, group in groups.items():
+        report = evaluate(target, group, cfg.eval, progress=progress)
+        stem = out / "eval" / short
+        report.write_json(stem.with_suffix(".json"))
+        report.write_markdown(stem.with_suffix(".md"))
+        report.plot(stem.with_suffix(".png"))
+        res.reports[short] = report
+        for e in group:
+            res.results[e.label] = stem.with_suffix(".json")
+    cost = [r.cost for r in res.reports.values()]
+    res.times.append(StageTime("evaluate", time.perf_counter() - t,
+                               f"{sum(c.generated_samples for c in cost)} target samples generated, "
+                               f"{sum(c.cached_samples for c in cost)} from the cache"))
+
+    t = stage(n_stages, f"export ({cfg.export.format} layout, {cfg.export.dtype}) with model cards")
+    for name, run_dir in res.runs.items():
+        dst = out / "export" / name
+        export_draft(run_dir, dst, dtype=cfg.export.dtype, fmt=cfg.export.format, base_model=cfg.export.base_model,
+                     eval_results=res.results[name], eval_draft=name, overwrite=True)
+        res.exports[name] = dst
+    res.times.append(StageTime("export", time.perf_counter() - t, f"{len(res.exports)} drafts"))
+    return res
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

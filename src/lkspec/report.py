@@ -1,0 +1,167 @@
+"""The pipeline's `report.md`: the seed-card tau table with CIs, the paired LK - KL verdict, the training
+curves, timings and where the exported drafts are. It states the verdict from the CI, not the point
+estimate, because at demo scale a difference of a few hundredths of a token is often noise.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+from lkspec.evaluate.report import MEAN
+from lkspec.io import atomic_path
+from lkspec.pipeline import PipelineResult
+from lkspec.train.metrics import read_metrics
+
+EPS = 1e-9  # bootstrap bounds of identical drafts differ from zero by rounding only
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    return (f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
+
+
+def verdict(report: Any, T: float, rule: str) -> list[str]:
+    """One line per challenger: the mean paired difference and whether its 95% CI excludes zero."""
+    lines = []
+    for d in report.differences:
+        if d["benchmark"] != MEAN or d["temperature"] != T or d["rule"] != rule:
+            continue
+        lo, hi = d["ci95"]
+        base = report.row(d["baseline"], MEAN, T, rule)["tau"]
+        rel = 100 * d["delta_tau"] / base if base else math.nan
+        if lo > EPS:
+            word = "better: the 95% CI excludes zero"
+        elif hi < -EPS:
+            word = "worse: the 95% CI excludes zero"
+        else:
+            word = "no significant difference at this scale (the 95% CI contains zero)"
+        lines.append(f"- T={T:g}, {rule} drafts: `{d['draft']}` − `{d['baseline']}` = {d['delta_tau']:+.3f} tokens "
+                     f"({rel:+.1f} %), 95% CI [{lo:+.3f}, {hi:+.3f}] — {word}")
+    return lines
+
+
+def plot_metrics(runs: dict[str, Path], path: Path) -> Path:
+    """Training simulated tau over steps, held-out simulated tau per epoch, final held-out alpha per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for i, (name, run) in enumerate(runs.items()):
+        recs = read_metrics(run / "metrics.jsonl")
+        steps = [r for r in recs if r.get("kind") == "step"]
+        evals = [r for r in recs if r.get("kind") in ("epoch", "stop") and r.get("heldout")]
+        c = f"C{i}"
+        if steps:
+            axes[0].plot([r["step"] for r in steps], [r["train"]["tau"] for r in steps], color=c, alpha=0.8,
+                         label=name)
+        if evals:
+            axes[1].plot([r["step"] for r in evals], [r["heldout"]["tau"] for r in evals], "-o", color=c, label=name)
+            alpha = [a if a is not None else math.nan for a in evals[-1]["heldout"]["alpha"]]
+            axes[2].plot(range(1, len(alpha) + 1), alpha, "-o", color=c, label=name)
+    axes[0].set(title="training batches: simulated tau", xlabel="step", ylabel="1 + sum_k prod_j<=k alpha_j")
+    axes[1].set(title="held-out: simulated tau (epoch ends)", xlabel="step")
+    axes[2].set(title="held-out alpha per head (last epoch)", xlabel="head k", ylabel="alpha_k")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _heldout(run: Path) -> tuple[int, float | None, list[float]]:
+    recs = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") in ("epoch", "stop")]
+    if not recs:
+        return 0, None, []
+    best = max(recs, key=lambda r: (r.get("heldout") or r["train"])["tau"])
+    part = best.get("heldout") or best["train"]
+    return best["step"], part["tau"], [a if a is not None else math.nan for a in part["alpha"]]
+
+
+def write_report(res: PipelineResult, *, command: str, total_s: float, title: str = "lkspec demo") -> Path:
+    """report.md + metrics.png in the output folder; returns the report path."""
+    out = res.out
+    cfg = res.config
+    plot_metrics(res.runs, out / "metrics.png")
+    ds = res.data_stats
+    lines = [
+        f"# {title}: KL vs LK losses for speculative-decoding drafts",
+        "",
+        f"Command: `{command}` — machine: {machine()} — total {total_s / 60:.1f} min.",
+        "",
+        f"Target `{cfg.target}`; training data: {ds.get('docs')} prompts from `{cfg.data.prompts.source}` answered "
+        f"by the target itself (T = {cfg.data.regenerate.temperature:g}, at most "
+        f"{cfg.data.regenerate.max_new_tokens} new tokens): {ds.get('tokens', 0):,} tokens, "
+        f"{ds.get('loss_tokens', 0):,} response tokens trained on.",
+        "",
+    ]
+    for short, report in res.reports.items():
+        names = [lab for lab, _ in report.drafts]
+        lines += [f"## {short}: {' vs '.join(f'`{n}`' for n in names)}", ""]
+        for name in names:
+            run = res.runs[name]
+            step, tau, alpha = _heldout(run)
+            params = res.draft_params.get(name)
+            train = cfg.train_config(*next((a, loss) for n, a, loss in cfg.run_names() if n == name), out)
+            a = " / ".join(f"{x:.3f}" for x in alpha)
+            lines.append(f"- `{name}`: {train.draft.arch}, loss `{train.loss.name}`"
+                         + (f" (eta {train.eta:g})" if train.loss.name.startswith("lk_hybrid") else "")
+                         + (f", {params:,} parameters" if params else "")
+                         + f"; {train.epochs} epochs × batch {train.data.batch_size}, lr {train.optim.lr:g}, seed "
+                         f"{train.seed}; selected at step {step}: held-out simulated tau {tau:.3f}, alpha per head {a}")
+        lines += ["", "### Verdict (mean over benchmarks, paired on the same target samples)", ""]
+        for T in report.temperatures:
+            for rule in report.rules:
+                if T == 0 and rule != report.rules[0]:
+                    continue  # both rules coincide at T = 0
+                lines += verdict(report, T, rule)
+        lines += ["", report.markdown().replace("\n## ", "\n### "), f"![acceptance](eval/{short}.png)", ""]
+    lines += ["## Training curves", "", "![metrics](metrics.png)", "",
+              "## Exported drafts (vLLM layout + model card)", ""]
+    for name, path in res.exports.items():
+        lines.append(f"- `{name}`: `{path.relative_to(out)}/` (config.json, model.safetensors, README.md, "
+                     f"provenance.json)")
+    lines += ["", "## Stage timings", "", "| stage | seconds | note |", "|---|---|---|"]
+    for st in res.times:
+        lines.append(f"| {st.name} | {st.seconds:.1f} | {st.note} |")
+    lines += ["", "Reproduce: rerun the command; finished stages are reused from this folder and the cache "
+              "(target samples for evaluation are cached too).", ""]
+    path = out / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
+    return path
+
+
+def summary_table(res: PipelineResult) -> str:
+    """The compact table the terminal ends with: mean tau per draft and rule, with 95% CIs."""
+    lines = []
+    for report in res.reports.values():
+        temps = report.temperatures
+        lines.append("| draft | rule | " + " | ".join(f"T={T:g} mean tau [95% CI]" for T in temps) + " |")
+        lines.append("|---|---|" + "---|" * len(temps))
+        for lab, _ in report.drafts:
+            for rule in report.rules:
+                cells = []
+                for T in temps:
+                    r = report.row(lab, MEAN, T, rule)
+                    cells.append(f"{r['tau']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]")
+                lines.append(f"| {lab} | {rule} | " + " | ".join(cells) + " |")
+        for T in temps:
+            for rule in report.rules:
+                if T == 0 and rule != report.rules[0]:
+                    continue
+                lines += verdict(report, T, rule)
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""The pipeline config (strict, per-run training configs), the demo presets, the recipe dry run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lkspec.cli import main
+from lkspec.demo import demo_config
+from lkspec.errors import LkspecError
+from lkspec.pipeline import RECORD, _check_record, load_pipeline_config
+from lkspec.recipe import miniature, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs").glob("llama31-8b-*.yaml"))
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_unknown_keys_are_one_line_errors() -> None:
+    with pytest.raises(LkspecError, match="epoch") as e:
+        load_pipeline_config(None, {"epoch": 3})
+    assert "\n" not in str(e.value)
+    with pytest.raises(LkspecError, match="lr_max"):
+        load_pipeline_config(None, {"train.optim.lr_max": 1e-3})  # deep inside the free-form train section
+    with pytest.raises(LkspecError, match="unknown loss"):
+        load_pipeline_config(None, {"losses": ["kl", "lk"]})
+    with pytest.raises(LkspecError, match=r"train\.target"):
+        load_pipeline_config(None, {"train.target": "x"})
+
+
+def test_runs_pair_losses_per_arch_with_the_paper_eta() -> None:
+    cfg = load_pipeline_config(None, {"archs": ["mlp_speculator", "medusa"], "arch_options.medusa.num_layers": 2})
+    assert [n for n, _, _ in cfg.run_names()] == ["mlp-kl", "mlp-lk_hybrid", "medusa-kl", "medusa-lk_hybrid"]
+    mlp = cfg.train_config("mlp_speculator", "lk_hybrid", Path("o"))
+    med = cfg.train_config("medusa", "lk_hybrid", Path("o"))
+    assert (mlp.eta, med.eta) == (3.0, 10.0)
+    assert med.draft.num_layers == 2 and mlp.draft.num_layers is None
+    assert mlp.features == str(Path("o") / "data" / "features")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_are_the_papers(path: Path) -> None:
+    cfg = load_pipeline_config(path)
+    assert cfg.target == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg.data.prompts.limit == 660_000
+    for _, arch, loss in cfg.run_names():
+        t = cfg.train_config(arch, loss, Path("."))
+        assert (t.epochs, t.data.batch_size, t.optim.lr, t.draft.num_heads) == (10, 64, 4e-4, 6)
+        assert (t.optim.betas, t.optim.warmup_steps, t.optim.grad_clip, t.loss.gamma) == ((0.9, 0.95), 100, 0.5, 0.8)
+        assert t.eta == {"mlp_speculator": 3.0, "medusa": 10.0}[arch]
+    lines = "\n".join(plan(cfg))
+    assert "lk_hybrid" in lines and "660000" in lines
+    small = miniature(cfg, "smollm2-135m-instruct")
+    assert small.data.prompts.source == "sharegpt" and small.data.prompts.limit == 8
+    assert small.train["max_steps"] == 2 and small.eval.limit == 2
+    assert small.data.regenerate.backend == "hf" and "gsm8k_full" not in small.eval.benchmarks
+
+
+def test_demo_presets_scale_and_reject_bad_knobs() -> None:
+    full, quick = demo_config(), demo_config(quick=True)
+    assert full.losses == ["kl", "lk_hybrid"] and full.eval.k == 6
+    assert full.eval.temperatures == [0.0, 1.0] and set(full.eval.rules) == {"sampled", "greedy"}
+    assert quick.data.prompts.limit < full.data.prompts.limit
+    assert demo_config(scale=2).data.prompts.limit == 2 * full.data.prompts.limit
+    assert demo_config(scale=2).eval.limit == 2 * full.eval.limit
+    assert demo_config(arch="all").archs == ["mlp_speculator", "medusa"]
+    with pytest.raises(LkspecError, match="--arch"):
+        demo_config(arch="eagle")
+    with pytest.raises(LkspecError, match="--scale"):
+        demo_config(scale=0)
+
+
+def test_an_output_folder_refuses_other_settings(tmp_path: Path) -> None:
+    _check_record(tmp_path, demo_config(quick=True))
+    _check_record(tmp_path, demo_config(quick=True))  # same settings: fine
+    assert json.loads((tmp_path / RECORD).read_text())["format"] == "lkspec-pipeline/1"
+    with pytest.raises(LkspecError, match=r"data\.prompts\.limit.*--fresh"):
+        _check_record(tmp_path, demo_config(quick=True, scale=2))
+
+
+def test_fresh_refuses_a_folder_lkspec_did_not_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "mine.txt").write_text("precious")
+    code, out = cli(["demo", "--quick", "--out", str(tmp_path), "--fresh"], capsys)
+    assert code == 2 and "not an lkspec output folder" in out
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_dry_run_runs_every_stage_in_miniature(tiny_target_dir: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = ROOT / "configs" / "llama31-8b-mlp-lk.yaml"
+    code, out = cli(["run", str(recipe), "--dry-run", "--stand-in", str(tiny_target_dir), "--quiet",
+                     "--out", str(tmp_path / "real")], capsys)
+    assert code == 0, out
+    assert "recipe 'llama31-8b-mlp-lk'" in out and "dry run OK: 1 training runs" in out
+    assert not (tmp_path / "real").exists()  # the dry run writes nothing where the real run will
