@@ -1,0 +1,117 @@
+"""End to end on the embedded target (SmolLM2-135M) with a quickly fitted draft: the generator is exact
+at T = 0, and generator and coupling replay agree at T = 1 (DESIGN §3's claim, on a real model).
+
+One module fixture samples the target once, fits a small MLP-Speculator on those samples (a couple of
+hundred steps of lkspec.losses.draft_loss; the real trainer is `lkspec train`) and is shared by the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from lkspec.data.benchmarks import load_benchmark
+from lkspec.drafts import Draft
+from lkspec.evaluate import DraftEntry, Prompt, SampleSettings, eval_settings, evaluate, target_samples
+from lkspec.evaluate.quickfit import fit_draft
+from lkspec.evaluate.replay import draft_traces, rounds_moments
+from lkspec.evaluate.samples import Sample
+from lkspec.specdec import GenerationResult, SpeculativeGenerator, plain_generate
+from lkspec.targets import Target
+
+pytestmark = pytest.mark.slow
+
+N_PROMPTS = 6  # per benchmark (mtbench, gsm8k)
+MAX_NEW = 32
+K = 3
+
+
+@dataclass
+class Fitted:
+    target: Target
+    draft: Draft
+    prompts: dict[str, list[Prompt]]
+
+
+@pytest.fixture(scope="module")
+def fitted(embedded_target: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fitted]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LKSPEC_CACHE", str(tmp_path_factory.mktemp("lkspec-cache-slow")))
+    t = embedded_target
+    prompts = {b: [Prompt(b, r.id, t.render_chat(r.messages)) for r in load_benchmark(b, limit=N_PROMPTS)]
+               for b in ("mtbench", "gsm8k")}
+    samples: list[Sample] = []
+    for T in (0.0, 1.0):
+        for ps in prompts.values():  # cached: the replay below reuses these very samples
+            samples += target_samples(t, ps, SampleSettings(temperature=T, max_new_tokens=MAX_NEW), batch_size=16,
+                                      progress=False).samples
+    draft = fit_draft(t, samples, num_heads=K, inner_dim=32, steps=150, window=32, batch=2, lr=1e-2, loss="kl",
+                      progress=False)
+    yield Fitted(t, draft, prompts)
+    mp.undo()
+
+
+def _replay_rounds(f: Fitted, res: GenerationResult, T: float) -> tuple[float, float]:
+    ids = torch.tensor(res.prompt_ids + res.tokens)
+    P, n = len(res.prompt_ids), len(res.tokens)
+    hidden = f.target.hidden_states(ids[None])[0, P - 2 : P + n - 1]
+    (trace,), _ = draft_traces([f.draft], f.target, Sample("x", "x", P, ids, hidden, res.finished),
+                               temperature=T, num_heads=K)
+    return rounds_moments(trace.acceptance("sampled", T, K))
+
+
+def test_generator_is_exact_at_t0_on_the_embedded_target(fitted: Fitted) -> None:
+    f = fitted
+    gen = SpeculativeGenerator(f.target, f.draft, temperature=0)
+    accepted = 0
+    for p in f.prompts["gsm8k"][:2]:
+        ref, _ = plain_generate(f.target, p.ids, max_new_tokens=MAX_NEW, temperature=0)
+        res = gen.generate(p.ids, max_new_tokens=MAX_NEW)
+        assert res.tokens == ref
+        mean, var = _replay_rounds(f, res, 0.0)
+        assert var == 0 and mean == res.rounds  # greedy: the replay's rounds are the engine's, exactly
+        accepted += len(res.tokens) - res.rounds
+    assert accepted > 0, "the fitted draft should get some tokens accepted"
+
+
+def test_generator_tau_lies_in_replay_ci_at_t1(fitted: Fitted) -> None:
+    f = fitted
+    settings = eval_settings(benchmarks=list(f.prompts), temperatures=[1.0], rules=["sampled"], k=K,
+                             max_new_tokens=MAX_NEW)
+    rep = evaluate(f.target, [DraftEntry("fit", "-", f.draft)], settings, progress=False, prompts=f.prompts)
+    row = rep.row("fit", "mean", 1.0, "sampled")
+    cost = rep.cost
+    assert cost.generated_samples == 0  # the fixture's samples were reused from the cache
+    gen = SpeculativeGenerator(f.target, f.draft, temperature=1.0)
+    tokens = rounds = 0
+    z_num, z_var = 0.0, 0.0
+    per_bench: dict[str, list[int]] = {}
+    for bench, ps in f.prompts.items():
+        for i, p in enumerate(ps):
+            res = gen.generate(p.ids, max_new_tokens=MAX_NEW, seed=100 + i)
+            per_bench.setdefault(bench, [0, 0])
+            per_bench[bench][0] += len(res.tokens)
+            per_bench[bench][1] += res.rounds
+            tokens, rounds = tokens + len(res.tokens), rounds + res.rounds
+            m, v = _replay_rounds(f, res, 1.0)
+            z_num, z_var = z_num + res.rounds - m, z_var + v
+    engine_tau = sum(n / r for n, r in per_bench.values()) / len(per_bench)  # unweighted mean, as the row
+    lo, hi = row["ci95"]
+    assert row["tau"] > 1.1, "the fitted draft should be better than nothing at T = 1"
+    assert lo <= engine_tau <= hi, f"engine tau {engine_tau:.3f} outside the replay's CI [{lo:.3f}, {hi:.3f}]"
+    # sharper: on the engine's own outputs the replay predicts its rounds up to the acceptance draws
+    assert abs(z_num) < 4 * math.sqrt(z_var), (z_num, z_var)
+
+
+def test_cli_generate_streams_and_reports(fitted: Fitted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lkspec.cli import main
+
+    d = fitted.draft.save(tmp_path / "draft", target=fitted.target.identity)
+    main(["generate", str(d), "--prompt", "What is 7 times 8?", "-t", "0", "--max-new-tokens", "16"])
+    out = capsys.readouterr().out
+    assert "tau" in out and "speed-up" in out and "tok/s" in out and "WARNING" not in out
