@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lkspec.errors import LkspecError
-from lkspec.io import atomic_dir, read_json, write_json
+from lkspec.io import atomic_dir, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,6 @@ class TargetIdentity(BaseModel):
                 f"{what} was made for target {other.name!r}, not {self.name!r} ({'; '.join(diffs)}); "
                 f"rebuild it with --target {self.name} or pass the target it was made for"
             )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def embedded_gguf_path() -> Path:
@@ -178,6 +170,30 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+def tokenizer_hash(tok: Any) -> str:
+    """sha256 over the vocabulary, the special tokens and the chat template."""
+    payload = {
+        "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "chat_template": tok.chat_template or "",
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def project_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Any) -> torch.Tensor:
+    """lm_head(hidden) in fp32, plus the output transforms some families apply after it (Granite's
+    logits_scaling, Cohere's logit_scale, Gemma's final softcapping), so the result equals the model's."""
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "logit_scale", None) and cfg.model_type.startswith("cohere"):
+        logits = logits * cfg.logit_scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 @dataclass
 class Target:
     """A loaded, frozen target with the handful of operations the pipeline needs."""
@@ -231,14 +247,7 @@ class Target:
 
     @cached_property
     def tokenizer_hash(self) -> str:
-        """sha256 over the vocabulary, the special tokens and the chat template."""
-        tok = self.tokenizer
-        payload = {
-            "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
-            "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-            "chat_template": tok.chat_template or "",
-        }
-        return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+        return tokenizer_hash(self.tokenizer)
 
     @property
     def identity(self) -> TargetIdentity:
@@ -279,17 +288,7 @@ class Target:
         Applies the output transforms some families put after the lm_head (Granite's logits_scaling,
         Cohere's logit_scale, Gemma's final softcapping) so the result equals the model's own logits.
         """
-        w = self.lm_head.weight
-        logits = torch.nn.functional.linear(hidden.to(w.dtype), w, getattr(self.lm_head, "bias", None)).float()
-        cfg = self.model.config
-        if getattr(cfg, "logits_scaling", None):
-            logits = logits / cfg.logits_scaling
-        if getattr(cfg, "logit_scale", None) and cfg.model_type.startswith("cohere"):
-            logits = logits * cfg.logit_scale
-        cap = getattr(cfg, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return project_hidden(hidden, self.lm_head.weight, getattr(self.lm_head, "bias", None), self.model.config)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,6 +324,124 @@ def load_target(
         ) from exc
     model.to(dev).eval().requires_grad_(False)
     return Target(name=name, model=model, tokenizer=tokenizer)
+
+
+@dataclass
+class LMHead:
+    """Only what training needs from a target: its identity and its frozen lm_head.
+
+    Teacher logits are recomputed from cached hidden states, so a trainer never runs the decoder; for a
+    large target, loading the vocabulary projection alone (one [V, H] tensor) instead of the whole model
+    saves almost all of the memory and load time.
+    """
+
+    name: str
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None
+    config: Any
+    tokenizer: Any
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    @cached_property
+    def identity(self) -> TargetIdentity:
+        return TargetIdentity(name=self.name, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                              tokenizer_hash=tokenizer_hash(self.tokenizer))
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return project_hidden(hidden, self.weight, self.bias, self.config)
+
+    def to(self, device: str | torch.device) -> LMHead:
+        self.weight = self.weight.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        return self
+
+
+def _checkpoint_file(source: Path | str, filename: str) -> Path | None:
+    """`filename` inside a local model directory or a hub repo (downloaded once), or None if absent."""
+    if isinstance(source, Path) or Path(str(source)).is_dir():
+        path = Path(source) / filename
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    found = cached_file(str(source), filename, _raise_exceptions_for_missing_entries=False)
+    return Path(found) if found else None
+
+
+def _lm_head_tensor_names(config: Any) -> tuple[list[str], list[str]]:
+    """Checkpoint names that may hold the output projection's weight (and bias), built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out = model.get_output_embeddings()
+    params = list(model.named_parameters(remove_duplicate=False))
+    weights = [n for n, p in params if p is out.weight]
+    bias = getattr(out, "bias", None)
+    biases = [n for n, p in params if bias is not None and p is bias]
+    tied_to = model.get_input_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and tied_to is not None:
+        weights += [n for n, p in params if p is tied_to.weight and n not in weights]
+    return weights, biases
+
+
+def load_lm_head(
+    spec: str | os.PathLike[str] = EMBEDDED_NAME,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> LMHead | Target:
+    """The target's identity and frozen lm_head, read from its safetensors without building the model.
+
+    Falls back to `load_target` (the whole model) when the checkpoint is not in safetensors or the
+    projection's tensor cannot be located by name; both results offer `.identity` and
+    `.logits_from_hidden`.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    name, source = resolve_target(spec)
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dt = dtype or default_dtype(dev)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        weight_names, bias_names = _lm_head_tensor_names(config)
+        index = _checkpoint_file(source, "model.safetensors.index.json")
+        if index is not None:
+            weight_map: dict[str, str] = read_json(index)["weight_map"]
+        else:
+            single = _checkpoint_file(source, "model.safetensors")
+            if single is None:
+                raise FileNotFoundError("no safetensors checkpoint")
+            with safe_open(str(single), framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+
+        def read(names: list[str]) -> torch.Tensor | None:
+            for n in names:
+                if n in weight_map:
+                    path = _checkpoint_file(source, weight_map[n])
+                    if path is not None:
+                        with safe_open(str(path), framework="pt") as f:
+                            return f.get_tensor(n).to(device=dev, dtype=dt)
+            return None
+
+        weight = read(weight_names)
+        if weight is None:
+            raise KeyError(f"none of {weight_names} in the checkpoint")
+        bias = read(bias_names) if bias_names else None
+    except (OSError, KeyError, ValueError) as exc:
+        log.info("loading the whole target for its lm_head (%s)", exc)
+        return load_target(spec, device=dev, dtype=dt)
+    return LMHead(name=name, weight=weight, bias=bias, config=config, tokenizer=tokenizer)
 
 
 def clear_target_cache() -> None:

@@ -24,7 +24,7 @@ from pydantic import Field
 from lkspec import __version__
 from lkspec.config import StrictModel, parse
 from lkspec.errors import LkspecError
-from lkspec.io import load_tensors, read_json, save_tensors, write_json
+from lkspec.io import read_json, save_tensors, write_json
 from lkspec.sampling import sample, warp_probs
 from lkspec.targets import TargetIdentity
 
@@ -207,32 +207,31 @@ def read_draft_config(path: str | Path) -> tuple[DraftConfig, dict[str, Any]]:
     if meta:
         cls = draft_class(meta["arch"])
         return parse(cls.config_cls, meta["config"], f"draft config in {d}/{CONFIG_FILE}"), raw
-    model_type = raw.get("model_type")
-    if model_type in DRAFTS:
-        return draft_class(model_type).config_from_vllm(raw), raw
-    raise LkspecError(
-        f"{d}/{CONFIG_FILE} is not a draft lkspec can read (model_type {model_type!r}); "
-        f"expected {sorted(DRAFTS)} or a directory written by lkspec"
-    )
+    # vLLM-native, lkspec exports, IBM fms, FasterDecoding: the importer knows their configs (shapes may
+    # come from the safetensors headers; no weights are loaded)
+    from lkspec.export.importers import read_checkpoint
+
+    return read_checkpoint(d, weights=False).config, raw
 
 
 def load_draft(path: str | Path, *, target: TargetIdentity | None = None,
                device: str | torch.device = "cpu") -> Draft:
-    """Load a checkpoint directory (lkspec's, or any in vLLM's layout) in fp32.
+    """Load a checkpoint directory in fp32: lkspec's own, an lkspec export, or an outside layout that
+    `lkspec.export.importers` reads (vLLM-native, IBM fms, FasterDecoding MEDUSA).
 
     With `target`, refuse a draft whose recorded target identity or shapes do not match it.
     """
+    from lkspec.export.importers import read_checkpoint  # every layout lkspec accepts (see that module)
+
     d = Path(path)
-    config, raw = read_draft_config(d)
+    ckpt = read_checkpoint(d)
+    config, tensors = ckpt.config, ckpt.tensors
+    assert tensors is not None
     if target is not None:
         check_draft_target(config, target, what=f"draft {d}")
-        recorded = (raw.get("lkspec") or {}).get("target")
-        if recorded:
-            target.check(recorded, what=f"draft {d}")
-    if not (d / WEIGHTS_FILE).is_file():
-        raise LkspecError(f"{d} has no {WEIGHTS_FILE}; the checkpoint is incomplete")
+        if ckpt.target:
+            target.check(ckpt.target, what=f"draft {d}")
     draft = draft_class(config.arch)(config)
-    tensors = load_tensors(d / WEIGHTS_FILE)
     expected = set(draft.export_state_dict())
     missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unknown:

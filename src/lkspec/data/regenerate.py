@@ -1,0 +1,411 @@
+"""Regeneration: the target answers every prompt itself, so the draft learns the target's own distribution.
+
+Output is the tokens dataset of the contract: a `datasets` Arrow dataset (`save_to_disk`) with columns
+`prompt_id`, `input_ids` (prompt + response tokens), `loss_mask` (1 exactly on response tokens), plus
+`num_prompt_tokens` and `finish_reason` ("eos" / "length"), and `lkspec-data.json` beside it (target
+identity, settings, counts).
+
+Why it is resumable *and* deterministic: prompts are tokenized through the target's chat template and
+sorted by length (longest first, ties by position) into fixed batches; batch b samples with a seed derived
+from (seed, b). Each finished batch is written atomically as `parts/part-NNNNNN.arrow`, so a killed run
+rerun with the same settings skips the parts on disk and computes exactly the batches that are missing —
+the final dataset (rows in prompt order) equals that of an uninterrupted run, with no row duplicated or
+lost. A directory made for another target or other settings is refused, naming what differs.
+
+Backends: `hf` (default) is batched `generate` with left padding; `vllm` is used for big targets on GPUs
+when vLLM is installed; a prompt set that already holds the target's responses (e.g.
+`nebius/Llama-3.1-8B-Instruct-Infinity-Instruct-0625`) is tokenized directly ("given").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import hashlib
+import importlib.util
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from lkspec import __version__
+from lkspec.config import StrictModel
+from lkspec.data.prompts import PromptRecord, PromptSet, fingerprint
+from lkspec.errors import LkspecError
+from lkspec.io import atomic_path, read_json, write_json
+from lkspec.targets import Target, TargetIdentity
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lkspec-tokens/1"
+META = "lkspec-data.json"
+PARTS = "parts"
+VLLM_INSTALL = "vLLM is not installed: `pip install vllm` on a GPU machine, or use --backend hf"
+# Settings that decide the dataset's content: resuming with any of them changed is refused.
+RESUME_KEYS = ("backend", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size",
+               "max_prompt_tokens", "prompts_fingerprint", "num_prompts")
+
+
+class RegenConfig(StrictModel):
+    """How the target answers. `top_k` / `top_p` left unset come from the target's generation config."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    max_prompt_tokens: int = Field(2048, ge=1)
+
+
+@dataclass
+class Generated:
+    response: list[int]  # ends with an EOS token unless the limit was hit
+    finish_reason: str  # "eos" | "length"
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Independent, reproducible seed per (run seed, batch): resumed batches sample what they would have."""
+    return int.from_bytes(hashlib.sha256(f"lkspec:{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def resolve_sampling(target: Target, cfg: RegenConfig) -> dict[str, Any]:
+    """Temperature 1 by default; top-k / top-p as the target's generation config sets them, else off.
+
+    transformers fills an unset top_k with 50, which would silently truncate the target's distribution,
+    so "unset" is made explicit here.
+    """
+    gen = getattr(target.model, "generation_config", None)
+    explicit = gen.to_diff_dict() if gen is not None else {}
+    top_k = cfg.top_k if cfg.top_k is not None else int(explicit.get("top_k") or 0)
+    top_p = cfg.top_p if cfg.top_p is not None else float(explicit.get("top_p") or 1.0)
+    return {"temperature": float(cfg.temperature), "top_k": top_k, "top_p": top_p}
+
+
+def prompt_limit(target: Target, cfg: RegenConfig) -> int:
+    """Longest prompt kept: `max_prompt_tokens`, and room for the response within the target's context."""
+    context = getattr(target.model.config, "max_position_embeddings", None)
+    limit = cfg.max_prompt_tokens
+    if isinstance(context, int) and context > cfg.max_new_tokens:
+        limit = min(limit, context - cfg.max_new_tokens)
+    return limit
+
+
+def cut_at_eos(tokens: list[int], eos: set[int], limit: int) -> Generated:
+    """Keep tokens up to and including the first EOS; drop what follows (padding)."""
+    for i, tok in enumerate(tokens[:limit]):
+        if tok in eos:
+            return Generated(tokens[: i + 1], "eos")
+    return Generated(tokens[:limit], "length")
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def hf_generate(target: Target, prompts: list[list[int]], sampling: dict[str, Any], max_new_tokens: int,
+                seed: int) -> list[Generated]:
+    """One left-padded batch through HF `generate`, sampling from a private RNG stream seeded by `seed`."""
+    from transformers import GenerationConfig
+
+    pad = target.pad_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    base = getattr(target.model, "generation_config", None)
+    gc = copy.deepcopy(base) if base is not None else GenerationConfig()
+    greedy = sampling["temperature"] == 0
+    gc.update(
+        do_sample=not greedy, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens, max_length=None,
+        min_new_tokens=None, min_length=0, eos_token_id=list(target.eos_token_ids), pad_token_id=pad,
+        temperature=None if greedy else sampling["temperature"], top_k=None if greedy else sampling["top_k"],
+        top_p=None if greedy else sampling["top_p"], return_dict_in_generate=False,
+    )
+    devices = [target.device] if target.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        out = target.model.generate(input_ids=ids.to(target.device), attention_mask=mask.to(target.device),
+                                    generation_config=gc)
+    eos = set(target.eos_token_ids)
+    return [cut_at_eos(row, eos, max_new_tokens) for row in out[:, width:].tolist()]
+
+
+class VllmBackend:
+    """vLLM with one seed per request (derived from the batch seed), so results do not depend on batching."""
+
+    def __init__(self, target: Target) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            raise LkspecError(VLLM_INSTALL)
+        import vllm
+
+        source = getattr(target.model, "name_or_path", None) or target.name
+        self.vllm = vllm
+        self.llm = vllm.LLM(model=str(source), tokenizer=str(source))
+        self.eos = list(target.eos_token_ids)
+
+    def __call__(self, target: Target, prompts: list[list[int]], sampling: dict[str, Any], max_new_tokens: int,
+                 seed: int) -> list[Generated]:
+        params = [
+            self.vllm.SamplingParams(
+                n=1, temperature=sampling["temperature"], top_k=sampling["top_k"] or -1, top_p=sampling["top_p"],
+                max_tokens=max_new_tokens, seed=derive_seed(seed, i), stop_token_ids=self.eos, detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        eos = set(self.eos)
+        result = []
+        for o in outs:
+            toks = list(o.outputs[0].token_ids)
+            if o.outputs[0].finish_reason == "stop" and (not toks or toks[-1] not in eos):
+                reason = o.outputs[0].stop_reason
+                toks.append(reason if isinstance(reason, int) else self.eos[0])  # the response keeps its EOS
+            result.append(cut_at_eos(toks, eos, max_new_tokens))
+        return result
+
+
+def given_response(target: Target, rec: PromptRecord, prompt: list[int], max_new_tokens: int) -> Generated:
+    """Tokens of a response the target already wrote, as the chat template places them (with its end token)."""
+    assert rec.response is not None
+    eos = set(target.eos_token_ids)
+    full = target.render_chat([*rec.messages, {"role": "assistant", "content": rec.response}],
+                              add_generation_prompt=False)
+    if full[: len(prompt)] == prompt and any(t in eos for t in full[len(prompt):]):
+        tokens = full[len(prompt):]
+    else:  # a template that rewrites earlier turns: tokenize the text and close it with the EOS token
+        end = target.tokenizer.eos_token_id if target.tokenizer.eos_token_id in eos else target.eos_token_ids[0]
+        tokens = [*target.tokenizer(rec.response, add_special_tokens=False)["input_ids"], end]
+    return cut_at_eos(tokens, eos, max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- dataset io
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not (path / META).is_file():
+        raise LkspecError(f"{path} is not a tokens dataset (no {META}); create it with `lkspec data regenerate`")
+    meta = read_json(path / META)
+    if meta.get("format") != FORMAT:
+        raise LkspecError(f"{path}/{META} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_tokens(path: str | Path, identity: TargetIdentity | None = None) -> tuple[Any, dict[str, Any]]:
+    """The finished tokens dataset and its metadata; refuses unfinished runs and other targets' data."""
+    import datasets
+
+    path = Path(path)
+    meta = read_meta(path)
+    if identity is not None:
+        identity.check(meta["target"], what=f"tokens dataset {path}")
+    if not meta.get("complete"):
+        raise LkspecError(f"tokens dataset {path} is unfinished; rerun `lkspec data regenerate` with the same "
+                          f"settings to complete it")
+    return datasets.load_from_disk(str(path)), meta
+
+
+def _features() -> Any:
+    from datasets import Features, List, Value
+
+    return Features({
+        "index": Value("int64"), "prompt_id": Value("string"), "input_ids": List(Value("int32")),
+        "loss_mask": List(Value("int8")), "num_prompt_tokens": Value("int32"), "finish_reason": Value("string"),
+    })
+
+
+def _write_part(path: Path, rows: dict[str, list[Any]]) -> None:
+    from datasets.arrow_writer import ArrowWriter
+
+    with atomic_path(path) as tmp:
+        writer = ArrowWriter(features=_features(), path=str(tmp))
+        try:
+            writer.write_batch(rows)
+            writer.finalize()
+        finally:
+            writer.close()
+
+
+def _part_name(batch: int) -> str:
+    return f"part-{batch:06d}.arrow"
+
+
+def _check_resume(out: Path, meta: dict[str, Any], identity: TargetIdentity, settings: dict[str, Any]) -> None:
+    identity.check(meta["target"], what=f"tokens dataset {out}")
+    old = meta.get("settings", {})
+    diffs = [f"{k} {old.get(k)!r} != {settings.get(k)!r}" for k in RESUME_KEYS if old.get(k) != settings.get(k)]
+    if diffs:
+        raise LkspecError(
+            f"{out} was made with other settings ({'; '.join(diffs)}); rerun with the same settings to resume, "
+            f"or choose a new output directory"
+        )
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(doing: str, kept: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise LkspecError(f"disk full while {doing}: {kept}; free space and rerun the same command to resume") from None
+
+
+def _finalize(out: Path, parts: list[Path], meta: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Concatenate the parts in prompt order and save the dataset; metadata marks it complete last."""
+    import datasets
+    import pyarrow.compute as pc
+
+    full = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in parts])
+    for stale in out.glob("data-*.arrow"):
+        stale.unlink()
+    table = full.data.table
+    order = np.argsort(table.column("index").to_numpy(), kind="stable")
+    bars = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        full.select(order).remove_columns("index").save_to_disk(str(out))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    resp = pc.subtract(pc.list_value_length(table.column("input_ids")), table.column("num_prompt_tokens"))
+    finish = dict(zip(*(c.to_pylist() for c in pc.value_counts(table.column("finish_reason")).flatten()),
+                      strict=True))
+    meta["counts"].update({
+        "rows": len(full),
+        "prompt_tokens": int(pc.sum(table.column("num_prompt_tokens")).as_py() or 0),
+        "response_tokens": int(pc.sum(resp).as_py() or 0),
+        "finished_eos": int(finish.get("eos", 0)),
+        "finished_length": int(finish.get("length", 0)),
+    })
+    meta["complete"] = True
+    write_json(out / META, meta)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def regenerate(
+    target: Target,
+    prompts: PromptSet | list[PromptRecord],
+    out: str | Path,
+    config: RegenConfig | None = None,
+    *,
+    progress: bool = True,
+    on_batch_done: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Answer every prompt with the target into the tokens dataset at `out`; returns its metadata.
+
+    Reruns resume; a finished directory with the same settings is returned as is. `on_batch_done(b)` is
+    called after batch b is safely on disk (tests use it to interrupt a run deterministically).
+    """
+    cfg = config or RegenConfig()
+    records = prompts.records if isinstance(prompts, PromptSet) else list(prompts)
+    if not records:
+        raise LkspecError("the prompt set is empty; check the prompt source and filters")
+    given = [r.response is not None for r in records]
+    if any(given) and not all(given):
+        raise LkspecError("some prompts carry responses and some do not; use one kind of source per dataset")
+    backend = "given" if all(given) else cfg.backend
+    prompt_fp = fingerprint(records)
+    sampling = resolve_sampling(target, cfg) if backend != "given" else {"temperature": None, "top_k": None,
+                                                                         "top_p": None}
+    settings = {
+        "backend": backend, "max_new_tokens": cfg.max_new_tokens, **sampling, "seed": cfg.seed,
+        "batch_size": cfg.batch_size, "max_prompt_tokens": cfg.max_prompt_tokens,
+        "prompts_fingerprint": prompt_fp, "num_prompts": len(records),
+    }
+    out = Path(out)
+    if (out / META).is_file():
+        meta = read_meta(out)
+        _check_resume(out, meta, target.identity, settings)
+        if meta.get("complete"):
+            shutil.rmtree(out / PARTS, ignore_errors=True)
+            log.info("tokens dataset %s is already complete (%d rows)", out, meta["counts"]["rows"])
+            return meta
+    elif out.exists() and any(out.iterdir()):
+        raise LkspecError(f"{out} exists and is not a tokens dataset; choose a new output directory")
+    else:
+        gen = getattr(target.model, "generation_config", None)
+        meta = {
+            "format": FORMAT, "lkspec_version": __version__, "target": target.identity.model_dump(),
+            "settings": settings,
+            "prompts": prompts.describe() if isinstance(prompts, PromptSet) else {"count": len(records)},
+            "target_generation_config": gen.to_diff_dict() if gen is not None else {},
+            "counts": {}, "complete": False,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / META, meta)
+
+    if backend == "vllm":
+        generate: Callable[..., list[Generated]] = VllmBackend(target)
+    else:
+        generate = hf_generate
+
+    prompt_ids = [target.render_chat(r.messages) for r in tqdm(
+        records, desc="chat template", unit="prompt", disable=not progress or len(records) < 2000)]
+    limit = prompt_limit(target, cfg)
+    keep = [i for i, p in enumerate(prompt_ids) if len(p) <= limit]
+    meta["counts"].update({"prompts": len(records), "skipped_long_prompts": len(records) - len(keep)})
+    if not keep:
+        raise LkspecError(f"every prompt is longer than {limit} tokens; raise --max-prompt-tokens")
+    if len(keep) < len(records):
+        log.warning("skipping %d prompts longer than %d tokens", len(records) - len(keep), limit)
+    order = sorted(keep, key=lambda i: (-len(prompt_ids[i]), i))
+    batches = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+    parts_dir = out / PARTS
+    parts_dir.mkdir(exist_ok=True)
+    for stray in parts_dir.glob(".*.tmp"):
+        stray.unlink()
+    done = {b for b in range(len(batches)) if (parts_dir / _part_name(b)).is_file()}
+    if done:
+        log.info("resuming %s: %d of %d batches already done", out, len(done), len(batches))
+
+    bar = tqdm(total=len(keep), initial=sum(len(batches[b]) for b in done), desc=f"regenerate ({backend})",
+               unit="prompt", disable=not progress)
+    new_tokens, start = 0, time.perf_counter()
+    for b, idx in enumerate(batches):
+        if b in done:
+            continue
+        if backend == "given":
+            results = [given_response(target, records[i], prompt_ids[i], cfg.max_new_tokens) for i in idx]
+        else:
+            results = generate(target, [prompt_ids[i] for i in idx], sampling, cfg.max_new_tokens,
+                               derive_seed(cfg.seed, b))
+        with _disk_full_is_one_line(f"writing batch {b} to {parts_dir}", "the finished batches are kept"):
+            _write_part(parts_dir / _part_name(b), {
+                "index": idx,
+                "prompt_id": [records[i].id for i in idx],
+                "input_ids": [prompt_ids[i] + g.response for i, g in zip(idx, results, strict=True)],
+                "loss_mask": [[0] * len(prompt_ids[i]) + [1] * len(g.response)
+                              for i, g in zip(idx, results, strict=True)],
+                "num_prompt_tokens": [len(prompt_ids[i]) for i in idx],
+                "finish_reason": [g.finish_reason for g in results],
+            })
+        new_tokens += sum(len(g.response) for g in results)
+        bar.update(len(idx))
+        bar.set_postfix_str(f"{new_tokens / max(time.perf_counter() - start, 1e-9):.1f} tok/s")
+        if on_batch_done is not None:
+            on_batch_done(b)
+    bar.close()
+    with _disk_full_is_one_line(f"saving the dataset to {out}", "all batches are kept in parts/"):
+        meta = _finalize(out, [parts_dir / _part_name(b) for b in range(len(batches))], meta, progress)
+    c = meta["counts"]
+    log.info("tokens dataset %s: %d rows, %d response tokens (%d ended at EOS, %d at the limit)", out, c["rows"],
+             c["response_tokens"], c["finished_eos"], c["finished_length"])
+    return meta

@@ -1,0 +1,102 @@
+"""The served layouts: vLLM's (MLP-Speculator, MEDUSA) and the ArcticInference plugin's MLP variant.
+
+A draft is written exactly as vLLM 0.32's loaders read it (reference/serving.md §1, DESIGN §6): every
+stage's tensors, also when tied (vLLM 0.32 keeps a separate `head.i` per stage; names a loader does not
+know are ignored, so writing every stage is safe for 0.9.2, fms and Arctic too), and a config.json that
+holds only the keys those loaders read plus `torch_dtype` / `base_model_name_or_path`.
+
+Exporting fewer heads than the draft has keeps the first n. For the MLP-Speculator that alone would
+change the math: vLLM derives state_weight = 0.5**(0.5/n_predict) from the *exported* n_predict, and the
+ratio emb_weight/state_weight that mixes token embedding and state before each norm moves with it. The
+norm is scale-invariant but not ratio-invariant, so the embeddings are rescaled by the ratio of the two
+constants; the first n heads then compute what they computed in the K-head draft (up to the norm's eps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lkspec.drafts import Draft, MLPSpeculator, build_draft
+from lkspec.errors import LkspecError
+from lkspec.export.vllm_rules import ARCTIC_MLP_ARCH
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FORMATS = ("vllm", "arctic")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise LkspecError(f"unknown export dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def mlp_mix_ratio(num_heads: int, inner: int) -> float:
+    """vLLM's emb_weight / state_weight: how strongly a stage's token embedding enters next to its state."""
+    sw = 0.5 ** (0.5 / num_heads)
+    return math.sqrt((1 - sw**2) * inner / 2) / sw
+
+
+def truncate(draft: Draft, num_heads: int) -> Draft:
+    """A draft with the first `num_heads` heads of `draft`, computing the same logits for them."""
+    K = draft.num_heads
+    if num_heads > K:
+        raise LkspecError(f"the draft has {K} heads but {num_heads} were asked for; "
+                          f"use --num-speculative-tokens {K} or less")
+    if num_heads < 1:
+        raise LkspecError(f"--num-speculative-tokens must be at least 1, got {num_heads}")
+    if num_heads == K:
+        return draft
+    cfg = draft.config.model_dump()
+    cfg["num_heads"] = num_heads
+    if isinstance(draft, MLPSpeculator) and num_heads == 1:
+        cfg["tie_weights"] = False  # one stage has nothing to share (and vLLM asserts n_predict > 1 when tied)
+    arch = cfg.pop("arch")
+    new = build_draft(arch, **cfg).to(next(draft.parameters()).dtype)
+    src = draft.state_dict()
+    scale = 1.0
+    if isinstance(draft, MLPSpeculator):
+        scale = mlp_mix_ratio(K, draft.config.inner) / mlp_mix_ratio(num_heads, draft.config.inner)
+    with torch.no_grad():
+        for name, param in new.state_dict(keep_vars=True).items():
+            value = src[name]
+            if isinstance(draft, MLPSpeculator) and name.startswith("emb."):
+                value = value * scale
+            param.copy_(value)
+    return new
+
+
+def layout(draft: Draft, *, fmt: str = "vllm", dtype: torch.dtype = torch.bfloat16,
+           base_model: str | None = None, base_model_archs: list[str] | None = None
+           ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json, tensors) of `draft` in the served layout `fmt`, tensors cast to `dtype`."""
+    if fmt not in FORMATS:
+        raise LkspecError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in draft.export_state_dict().items():
+        t = t.detach().cpu()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LkspecError(f"draft tensor {name} has non-finite values; refusing to export a broken draft "
+                              f"(retrain or pick an earlier checkpoint)")
+        cast = t.to(dtype) if t.is_floating_point() else t
+        if cast.is_floating_point() and not torch.isfinite(cast).all():
+            raise LkspecError(f"draft tensor {name} overflows {str(dtype).removeprefix('torch.')} "
+                              f"(max |w| = {t.abs().max().item():.3g}); export with --dtype bf16 or fp32")
+        tensors[name] = cast.contiguous()
+    cfg = draft.vllm_config()
+    if fmt == "arctic":
+        if not isinstance(draft, MLPSpeculator):
+            raise LkspecError("--format arctic is the ArcticInference layout for MLP-Speculator drafts; "
+                              "export MEDUSA drafts with --format vllm")
+        if not base_model_archs:
+            raise LkspecError("--format arctic needs the target's architecture (ArcticInference checks "
+                              "base_model_archs); pass --base-model-arch, e.g. LlamaForCausalLM")
+        cfg["architectures"] = [ARCTIC_MLP_ARCH]
+        cfg["base_model_archs"] = list(base_model_archs)
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if base_model:
+        cfg["base_model_name_or_path"] = base_model
+    return cfg, tensors

@@ -1,0 +1,38 @@
+"""Atomic writes: all-or-nothing, and the files get the usual permissions (servers often run as another user)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from lkspec.io import atomic_dir, atomic_path, read_json, write_json
+
+
+def test_atomic_file_permissions_and_failure(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("hi")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "a.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert read_json(tmp_path / "a.json") == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_dir_refuses_existing_unless_overwrite(tmp_path) -> None:
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "v").write_text("1")
+    with pytest.raises(FileExistsError), atomic_dir(tmp_path / "d") as d:
+        (d / "v").write_text("2")
+    assert (tmp_path / "d" / "v").read_text() == "1"
+    with atomic_dir(tmp_path / "d", overwrite=True) as d:
+        (d / "v").write_text("3")
+    assert (tmp_path / "d" / "v").read_text() == "3"
