@@ -26,7 +26,7 @@ they never receive a gradient. p and q are taken at the training temperature, in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -280,6 +280,66 @@ def simulated_tau(alphas: Sequence[float]) -> float:
     return tau
 
 
+AlphaMean = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
+
+
+@dataclass
+class HeadTerm:
+    """One head's contribution: the gamma-weighted differentiable loss, its stats, and per-token KL / alpha."""
+
+    loss: torch.Tensor
+    stats: HeadStats
+    kl: torch.Tensor  # [n] detached
+    alpha: torch.Tensor  # [n] detached
+
+
+def draft_head_term(
+    name: str,
+    k: int,
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    eta: float = 3.0,
+    gamma: float = GAMMA,
+    temperature: float = 1.0,
+    impl: str = "chunked",
+    count: float | None = None,
+    alpha_mean: AlphaMean = None,
+) -> HeadTerm:
+    """gamma^(k-1) * loss_k of head k (1-based) and its statistics; `draft_loss` is the sum over heads.
+
+    Exists on its own so a trainer can compute (and backpropagate) one head at a time, keeping one
+    [tokens, V] logits tensor alive instead of K. `alpha_mean` may be a callable that receives this
+    head's local alpha sum and returns the mean lambda is computed from: a data-parallel trainer passes
+    one that all-reduces the sum and divides by the global count. It is called even when no row is
+    selected, so every rank issues the same collectives.
+    """
+    check_loss_name(name)
+    weight = gamma ** (k - 1)
+    z_sel, zp_sel = (draft_logits, target_logits) if mask is None else (draft_logits[mask.bool()],
+                                                                         target_logits[mask.bool()])
+    if z_sel.shape[0] == 0:
+        if callable(alpha_mean):
+            alpha_mean(draft_logits.new_zeros((), dtype=torch.float32))
+        empty = draft_logits.new_zeros(0, dtype=torch.float32)
+        # keep the head in the graph (DDP needs every parameter used)
+        return HeadTerm(0.0 * draft_logits.sum(), HeadStats(0.0, 0.0, 0.0, 0.0, float("nan")), empty, empty)
+    kl, alpha = token_stats(z_sel, zp_sel, temperature, impl)
+    n = float(count if count is not None else alpha.numel())
+    a_mean = alpha_mean(alpha.detach().sum()) if callable(alpha_mean) else alpha_mean
+    loss_k = combine(name, kl, alpha, eta=eta, count=count, alpha_mean=a_mean)
+    a_for_lam = (alpha.sum() / n) if a_mean is None else a_mean
+    stats = HeadStats(
+        count=float(alpha.numel()),
+        alpha_sum=float(alpha.detach().sum()),
+        kl_sum=float(kl.detach().sum()),
+        loss=float(loss_k.detach()),
+        lam=_reported_lambda(name, alpha, a_for_lam, eta),
+    )
+    return HeadTerm(weight * loss_k, stats, kl.detach(), alpha.detach())
+
+
 def draft_loss(
     name: str,
     head_logits: Sequence[torch.Tensor],
@@ -291,38 +351,23 @@ def draft_loss(
     temperature: float = 1.0,
     impl: str = "chunked",
     counts: Sequence[float] | None = None,
-    alpha_means: Sequence[torch.Tensor | None] | None = None,
+    alpha_means: Sequence[AlphaMean] | None = None,
 ) -> tuple[torch.Tensor, list[HeadStats]]:
     """Total loss sum_k gamma^(k-1) * loss_k over heads, and per-head statistics.
 
     Each head's logits, targets and mask share leading dims (e.g. [B, T-k]); only masked rows count.
-    `counts` / `alpha_means` override the per-head denominators and lambda inputs (see `combine`).
+    `counts` / `alpha_means` override the per-head denominators and lambda inputs (see `combine` and
+    `draft_head_term`).
     """
     check_loss_name(name)
-    weights = head_weights(len(head_logits), gamma)
     total = head_logits[0].new_zeros((), dtype=torch.float32)
     stats: list[HeadStats] = []
     for k, (z, zp, m) in enumerate(zip(head_logits, head_targets, head_masks, strict=True)):
-        m = m.bool()
-        z_sel, zp_sel = z[m], zp[m]
-        if z_sel.shape[0] == 0:
-            stats.append(HeadStats(0.0, 0.0, 0.0, 0.0, float("nan")))
-            total = total + 0.0 * z.sum()  # keep every head in the graph (DDP needs used parameters)
-            continue
-        kl, alpha = token_stats(z_sel, zp_sel, temperature, impl)
-        count = None if counts is None else counts[k]
-        a_mean = None if alpha_means is None else alpha_means[k]
-        loss_k = combine(name, kl, alpha, eta=eta, count=count, alpha_mean=a_mean)
-        total = total + weights[k] * loss_k
-        n = float(count if count is not None else alpha.numel())
-        a_for_lam = (alpha.sum() / n) if a_mean is None else a_mean
-        stats.append(
-            HeadStats(
-                count=float(alpha.numel()),
-                alpha_sum=float(alpha.detach().sum()),
-                kl_sum=float(kl.detach().sum()),
-                loss=float(loss_k.detach()),
-                lam=_reported_lambda(name, alpha, a_for_lam, eta),
-            )
+        term = draft_head_term(
+            name, k + 1, z, zp, m, eta=eta, gamma=gamma, temperature=temperature, impl=impl,
+            count=None if counts is None else counts[k],
+            alpha_mean=None if alpha_means is None else alpha_means[k],
         )
+        total = total + term.loss
+        stats.append(term.stats)
     return total, stats
