@@ -1,6 +1,6 @@
 """Wall time of the coupling replay vs the round-by-round engine, for the same prompts and equal CI width.
 
-    python benchmarks/eval_speed.py                      # embedded target, quick-fitted draft, a few minutes
+    python benchmarks/eval_speed.py                      # embedded target, a draft trained here, ~3 min
     python benchmarks/eval_speed.py --draft RUN_DIR --prompts 8 --max-new-tokens 64
 
 Both measure tau for the same prompts at the same temperature. The engine (`lkspec generate`'s
@@ -15,33 +15,34 @@ Numbers are ratios measured side by side in one run (the machine may be shared).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from lkspec.data.benchmarks import load_benchmark
+from lkspec.data.features import FeatureWriter
 from lkspec.drafts import load_draft
 from lkspec.evaluate import DraftEntry, Prompt, SampleSettings, eval_settings, evaluate, target_samples
-from lkspec.evaluate.quickfit import fit_draft
 from lkspec.evaluate.report import _ci, _rng
 from lkspec.specdec import SpeculativeGenerator
 from lkspec.targets import load_target
+from lkspec.train import build_config, train
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="smollm2-135m-instruct")
-    ap.add_argument("--draft", default=None, help="draft directory; default: fit a small one on the samples")
+    ap.add_argument("--draft", default=None, help="draft dir (default: train a tiny one here)")
     ap.add_argument("--benchmarks", default="mtbench,gsm8k")
     ap.add_argument("--prompts", type=int, default=6, help="prompts per benchmark")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--fit-steps", type=int, default=150)
+    ap.add_argument("--train-epochs", type=int, default=5, help="epochs of the tiny training run")
     args = ap.parse_args()
-
-    import os
 
     target = load_target(args.target)
     os.environ["LKSPEC_CACHE"] = tempfile.mkdtemp(prefix="lkspec-eval-speed-")  # a cold sample cache
@@ -63,15 +64,22 @@ def main() -> None:
         fit_s = 0.0
     else:
         t0 = time.perf_counter()
-        draft = fit_draft(target, samples, num_heads=args.k, inner_dim=32, steps=args.fit_steps, window=32, batch=2,
-                          lr=1e-2, loss="kl")
+        root = Path(tempfile.mkdtemp(prefix="lkspec-eval-speed-run-"))
+        w = FeatureWriter(root / "features", target.identity, dtype="float32", meta={"source": "eval samples"})
+        w.write_shard([s.as_doc(i) for i, s in enumerate(samples) if s.n >= args.k + 2])
+        cfg = build_config(None, {
+            "features": str(root / "features"), "draft.num_heads": args.k, "draft.inner_dim": 32, "loss.name": "kl",
+            "epochs": args.train_epochs, "data.batch_size": 1, "data.heldout_fraction": 0.0, "optim.lr": 1e-2,
+            "optim.warmup_steps": 5, "optim.schedule": "constant", "checkpoint_every": 0,
+        })
+        draft = load_draft(train(cfg, root / "run", target=target).run, target=target.identity)
         fit_s = time.perf_counter() - t0
 
     # the replay: everything after the (cached) samples, for one draft
     t0 = time.perf_counter()
     settings = eval_settings(benchmarks=benches, temperatures=[T], rules=["sampled"], k=args.k,
                              max_new_tokens=args.max_new_tokens)
-    rep = evaluate(target, [DraftEntry("draft", args.draft or "quickfit", draft)], settings, prompts=prompts)
+    rep = evaluate(target, [DraftEntry("draft", args.draft or "trained here", draft)], settings, prompts=prompts)
     t_replay = time.perf_counter() - t0
     assert rep.cost.generated_samples == 0
     row = rep.row("draft", "mean", T, "sampled")
@@ -101,7 +109,7 @@ def main() -> None:
     equal_width_engine = t_engine * (w_engine / w_replay) ** 2
     print()
     print(f"target {target.name}, {sum(len(p) for p in prompts.values())} prompts ({','.join(benches)}), "
-          f"T={T:g}, K={args.k}, {n_tokens} response tokens; draft fit {fit_s:.0f} s (not counted)")
+          f"T={T:g}, K={args.k}, {n_tokens} response tokens; draft training {fit_s:.0f} s (not counted)")
     print(f"one-time target sampling (batched, cached, shared by every draft): {t_sampling:7.1f} s")
     print(f"replay, per draft:   {t_replay:7.1f} s   tau {row['tau']:.3f}  CI [{row['ci95'][0]:.3f}, "
           f"{row['ci95'][1]:.3f}]  width {w_replay:.3f}")

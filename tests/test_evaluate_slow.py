@@ -1,8 +1,8 @@
-"""End to end on the embedded target (SmolLM2-135M) with a quickly fitted draft: the generator is exact
-at T = 0, and generator and coupling replay agree at T = 1 (DESIGN §3's claim, on a real model).
+"""End to end on the embedded target (SmolLM2-135M) with a trained draft: the generator is exact at T = 0,
+and generator and coupling replay agree at T = 1 (DESIGN §3's claim, on a real model).
 
-One module fixture samples the target once, fits a small MLP-Speculator on those samples (a couple of
-hundred steps of lkspec.losses.draft_loss; the real trainer is `lkspec train`) and is shared by the tests.
+One module fixture samples the target once, trains a small MLP-Speculator on those samples with
+`lkspec.train` (a tiny config: K = 3, inner dim 32, ~150 steps) and is shared by the tests.
 """
 
 from __future__ import annotations
@@ -16,30 +16,31 @@ import pytest
 import torch
 
 from lkspec.data.benchmarks import load_benchmark
-from lkspec.drafts import Draft
+from lkspec.data.features import FeatureWriter
+from lkspec.drafts import Draft, load_draft
 from lkspec.evaluate import DraftEntry, Prompt, SampleSettings, eval_settings, evaluate, target_samples
-from lkspec.evaluate.quickfit import fit_draft
 from lkspec.evaluate.replay import draft_traces, rounds_moments
 from lkspec.evaluate.samples import Sample
 from lkspec.specdec import GenerationResult, SpeculativeGenerator, plain_generate
 from lkspec.targets import Target
+from lkspec.train import build_config, train
 
 pytestmark = pytest.mark.slow
 
-N_PROMPTS = 6  # per benchmark (mtbench, gsm8k)
+N_PROMPTS = 4  # per benchmark (mtbench, gsm8k)
 MAX_NEW = 32
 K = 3
 
 
 @dataclass
-class Fitted:
+class Trained:
     target: Target
     draft: Draft
     prompts: dict[str, list[Prompt]]
 
 
 @pytest.fixture(scope="module")
-def fitted(embedded_target: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fitted]:
+def trained(embedded_target: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     mp = pytest.MonkeyPatch()
     mp.setenv("LKSPEC_CACHE", str(tmp_path_factory.mktemp("lkspec-cache-slow")))
     t = embedded_target
@@ -50,13 +51,25 @@ def fitted(embedded_target: Target, tmp_path_factory: pytest.TempPathFactory) ->
         for ps in prompts.values():  # cached: the replay below reuses these very samples
             samples += target_samples(t, ps, SampleSettings(temperature=T, max_new_tokens=MAX_NEW), batch_size=16,
                                       progress=False).samples
-    draft = fit_draft(t, samples, num_heads=K, inner_dim=32, steps=150, window=32, batch=2, lr=1e-2, loss="kl",
-                      progress=False)
-    yield Fitted(t, draft, prompts)
+    draft = train_on_samples(t, samples, tmp_path_factory.mktemp("run"))
+    yield Trained(t, draft, prompts)
     mp.undo()
 
 
-def _replay_rounds(f: Fitted, res: GenerationResult, T: float) -> tuple[float, float]:
+def train_on_samples(t: Target, samples: list[Sample], root: Path) -> Draft:
+    """A tiny `lkspec train` run on the samples (features written from them), loaded back from its run dir."""
+    w = FeatureWriter(root / "features", t.identity, dtype="float32", meta={"source": "eval samples"})
+    w.write_shard([s.as_doc(i) for i, s in enumerate(samples) if s.n >= K + 2])
+    cfg = build_config(None, {
+        "features": str(root / "features"), "draft.num_heads": K, "draft.inner_dim": 32, "loss.name": "kl",
+        "epochs": 5, "data.batch_size": 1, "data.heldout_fraction": 0.0, "optim.lr": 1e-2,
+        "optim.warmup_steps": 5, "optim.schedule": "constant", "checkpoint_every": 0, "progress": False,
+    })
+    run = train(cfg, root / "run", target=t).run
+    return load_draft(run, target=t.identity)
+
+
+def _replay_rounds(f: Trained, res: GenerationResult, T: float) -> tuple[float, float]:
     ids = torch.tensor(res.prompt_ids + res.tokens)
     P, n = len(res.prompt_ids), len(res.tokens)
     hidden = f.target.hidden_states(ids[None])[0, P - 2 : P + n - 1]
@@ -65,8 +78,8 @@ def _replay_rounds(f: Fitted, res: GenerationResult, T: float) -> tuple[float, f
     return rounds_moments(trace.acceptance("sampled", T, K))
 
 
-def test_generator_is_exact_at_t0_on_the_embedded_target(fitted: Fitted) -> None:
-    f = fitted
+def test_generator_is_exact_at_t0_on_the_embedded_target(trained: Trained) -> None:
+    f = trained
     gen = SpeculativeGenerator(f.target, f.draft, temperature=0)
     accepted = 0
     for p in f.prompts["gsm8k"][:2]:
@@ -76,15 +89,15 @@ def test_generator_is_exact_at_t0_on_the_embedded_target(fitted: Fitted) -> None
         mean, var = _replay_rounds(f, res, 0.0)
         assert var == 0 and mean == res.rounds  # greedy: the replay's rounds are the engine's, exactly
         accepted += len(res.tokens) - res.rounds
-    assert accepted > 0, "the fitted draft should get some tokens accepted"
+    assert accepted > 0, "the trained draft should get some tokens accepted"
 
 
-def test_generator_tau_lies_in_replay_ci_at_t1(fitted: Fitted) -> None:
-    f = fitted
+def test_generator_tau_lies_in_replay_ci_at_t1(trained: Trained) -> None:
+    f = trained
     settings = eval_settings(benchmarks=list(f.prompts), temperatures=[1.0], rules=["sampled"], k=K,
                              max_new_tokens=MAX_NEW)
-    rep = evaluate(f.target, [DraftEntry("fit", "-", f.draft)], settings, progress=False, prompts=f.prompts)
-    row = rep.row("fit", "mean", 1.0, "sampled")
+    rep = evaluate(f.target, [DraftEntry("trained", "-", f.draft)], settings, progress=False, prompts=f.prompts)
+    row = rep.row("trained", "mean", 1.0, "sampled")
     cost = rep.cost
     assert cost.generated_samples == 0  # the fixture's samples were reused from the cache
     gen = SpeculativeGenerator(f.target, f.draft, temperature=1.0)
@@ -102,16 +115,16 @@ def test_generator_tau_lies_in_replay_ci_at_t1(fitted: Fitted) -> None:
             z_num, z_var = z_num + res.rounds - m, z_var + v
     engine_tau = sum(n / r for n, r in per_bench.values()) / len(per_bench)  # unweighted mean, as the row
     lo, hi = row["ci95"]
-    assert row["tau"] > 1.1, "the fitted draft should be better than nothing at T = 1"
+    assert row["tau"] > 1.1, "the trained draft should be better than nothing at T = 1"
     assert lo <= engine_tau <= hi, f"engine tau {engine_tau:.3f} outside the replay's CI [{lo:.3f}, {hi:.3f}]"
     # sharper: on the engine's own outputs the replay predicts its rounds up to the acceptance draws
     assert abs(z_num) < 4 * math.sqrt(z_var), (z_num, z_var)
 
 
-def test_cli_generate_streams_and_reports(fitted: Fitted, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_generate_streams_and_reports(trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lkspec.cli import main
 
-    d = fitted.draft.save(tmp_path / "draft", target=fitted.target.identity)
+    d = trained.draft.save(tmp_path / "draft", target=trained.target.identity)
     main(["generate", str(d), "--prompt", "What is 7 times 8?", "-t", "0", "--max-new-tokens", "16"])
     out = capsys.readouterr().out
     assert "tau" in out and "speed-up" in out and "tok/s" in out and "WARNING" not in out
