@@ -6,9 +6,9 @@
 Both measure tau for the same prompts at the same temperature. The engine (`lkspec generate`'s
 SpeculativeGenerator) runs N/tau sequential target passes per response; the replay pays a one-time
 target sampling (reported separately: it is shared by every draft, loss, K and rule evaluated later,
-and cached) and then one teacher-forced draft pass per response. The engine's tau is also noisier
-(it keeps the acceptance coin flips the replay integrates out), so at equal CI width it needs
-(w_engine / w_replay)^2 times as many prompts; the headline ratio accounts for that.
+and cached) and then one teacher-forced draft pass per response. The engine's tau keeps the acceptance
+coin flips the replay integrates out; at equal CI width it needs (w_engine / w_replay)^2 times as many
+prompts (both widths are bootstrap estimates over few prompts, so that factor is itself noisy).
 Numbers are ratios measured side by side in one run (the machine may be shared).
 """
 
