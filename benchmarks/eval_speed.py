@@ -10,6 +10,9 @@ and cached) and then one teacher-forced draft pass per response. The engine's ta
 coin flips the replay integrates out; at equal CI width it needs (w_engine / w_replay)^2 times as many
 prompts (both widths are bootstrap estimates over few prompts, so that factor is itself noisy).
 Numbers are ratios measured side by side in one run (the machine may be shared).
+The default draft is trained on the same T = 1 paths the replay scores (cheapest), so its replay tau
+is biased upward against the engine's fresh responses; it is a timing benchmark, not an agreement test
+(tests/test_evaluate_slow.py is).
 """
 
 from __future__ import annotations

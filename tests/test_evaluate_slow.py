@@ -48,12 +48,14 @@ def trained(embedded_target: Target, tmp_path_factory: pytest.TempPathFactory) -
     t = embedded_target
     prompts = {b: [Prompt(b, r.id, t.render_chat(r.messages)) for r in load_benchmark(b, limit=N_PROMPTS)]
                for b in ("mtbench", "gsm8k")}
-    samples: list[Sample] = []
-    for T in (0.0, 1.0):
+    samples: dict[float, list[Sample]] = {0.0: [], 1.0: []}
+    for T in samples:
         for ps in prompts.values():  # cached: the replay below reuses these very samples
-            samples += target_samples(t, ps, SampleSettings(temperature=T, max_new_tokens=MAX_NEW), batch_size=16,
-                                      progress=False).samples
-    draft = train_on_samples(t, samples, tmp_path_factory.mktemp("run"))
+            samples[T] += target_samples(t, ps, SampleSettings(temperature=T, max_new_tokens=MAX_NEW), batch_size=16,
+                                         progress=False).samples
+    # trained on the greedy paths only: a draft trained on the T = 1 paths the replay scores would have
+    # memorised them, and the replay (on those paths) would overstate the engine's tau (on fresh ones)
+    draft = train_on_samples(t, samples[0.0], tmp_path_factory.mktemp("run"))
     yield Trained(t, draft, prompts)
     mp.undo()
 
@@ -64,7 +66,7 @@ def train_on_samples(t: Target, samples: list[Sample], root: Path) -> Draft:
     w.write_shard([s.as_doc(i) for i, s in enumerate(samples) if s.n >= K + 2])
     cfg = build_config(None, {
         "features": str(root / "features"), "draft.num_heads": K, "draft.inner_dim": 32, "loss.name": "kl",
-        "epochs": 5, "data.batch_size": 1, "data.heldout_fraction": 0.0, "optim.lr": 1e-2,
+        "epochs": 10, "data.batch_size": 1, "data.heldout_fraction": 0.0, "optim.lr": 1e-2,
         "optim.warmup_steps": 5, "optim.schedule": "constant", "checkpoint_every": 0, "progress": False,
     })
     run = train(cfg, root / "run", target=t).run
@@ -125,7 +127,7 @@ def test_generator_tau_lies_in_replay_ci_at_t1(trained: Trained) -> None:
     elo, ehi = _ci(np.mean(draws, axis=0))
     lo, hi = row["ci95"]
     half = math.hypot((hi - lo) / 2, (ehi - elo) / 2)
-    assert row["tau"] > 1.05, "the trained draft should be better than nothing at T = 1"
+    assert row["tau"] > 1.02, "the trained draft should be better than nothing at T = 1"
     assert abs(engine_tau - row["tau"]) <= half, (
         f"engine tau {engine_tau:.3f} [{elo:.3f}, {ehi:.3f}] and replay tau {row['tau']:.3f} [{lo:.3f}, {hi:.3f}] "
         f"differ by more than their combined 95% half-width {half:.3f}")
