@@ -211,9 +211,10 @@ def plain_generate(target: Target, prompt_ids: Sequence[int], *, max_new_tokens:
     """The baseline: the target alone through HF `generate` (tokens, seconds)."""
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
-        top_k=top_k or None, top_p=top_p if temperature > 0 and top_p < 1 else None,
+    sampled = temperature > 0
+    cfg = GenerationConfig(  # top_k 0 / top_p 1 disable the filters, as in lkspec.sampling
+        max_new_tokens=max_new_tokens, do_sample=sampled, temperature=temperature if sampled else None,
+        top_k=top_k if sampled else None, top_p=top_p if sampled else None,
         eos_token_id=target.eos_token_ids, pad_token_id=target.pad_token_id,
     )
     ids = torch.tensor([list(prompt_ids)], device=target.device)
