@@ -23,7 +23,7 @@ K = 6
 def run_demo(out: Path) -> float:
     t0 = time.perf_counter()
     try:
-        main(["demo", "--quick", "--quiet", "--out", str(out)])
+        main(["demo", "--quick", "--all", "--quiet", "--out", str(out)])
     except SystemExit as e:
         assert e.code in (0, None), f"lkspec demo --quick exited {e.code}"
     return time.perf_counter() - t0
@@ -41,19 +41,21 @@ def test_report_has_the_table_verdict_and_plots(demo_out: tuple[Path, float]) ->
     for heading in ("# lkspec demo --quick", "### Verdict", "Acceptance length tau (K = 6", "Paired difference",
                     "## Training curves", "## Exported drafts", "## Stage timings"):
         assert heading in report, heading
-    assert "`mlp-lk_hybrid` − `mlp-kl`" in report
+    assert "`mlp-lk_hybrid` − `mlp-kl`" in report and "`medusa-lk_hybrid` − `medusa-kl`" in report
+    assert "(eta 3)" in report and "(eta 10)" in report
     table = [line for line in report.splitlines() if line.startswith("| mlp-")]
     assert {line.split("|")[2].strip() for line in table} >= {"sampled", "greedy"}
-    for png in ("metrics.png", "eval/mlp.png"):
+    for png in ("metrics.png", "eval/mlp.png", "eval/medusa.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_every_tau_is_in_range_with_a_ci(demo_out: tuple[Path, float]) -> None:
+@pytest.mark.parametrize("arch", ["mlp", "medusa"])
+def test_every_tau_is_in_range_with_a_ci(demo_out: tuple[Path, float], arch: str) -> None:
     out, _ = demo_out
-    res = json.loads((out / "eval" / "mlp.json").read_text())
+    res = json.loads((out / "eval" / f"{arch}.json").read_text())
     assert res["format"] == "lkspec-eval/1" and res["k"] == K
     cells = {(r["draft"], r["benchmark"], r["temperature"], r["rule"]) for r in res["rows"]}
-    for draft in ("mlp-kl", "mlp-lk_hybrid"):
+    for draft in (f"{arch}-kl", f"{arch}-lk_hybrid"):
         for bench in ("mtbench", "humaneval", "gsm8k", "mean"):
             for T in (0.0, 1.0):
                 for rule in ("sampled", "greedy"):
@@ -66,14 +68,16 @@ def test_every_tau_is_in_range_with_a_ci(demo_out: tuple[Path, float]) -> None:
 
 def test_exports_are_vllm_layouts_with_cards(demo_out: tuple[Path, float]) -> None:
     out, _ = demo_out
-    for name in ("mlp-kl", "mlp-lk_hybrid"):
+    kinds = {"mlp": ("mlp_speculator", "head."), "medusa": ("medusa", "lm_heads.")}
+    for name in ("mlp-kl", "mlp-lk_hybrid", "medusa-kl", "medusa-lk_hybrid"):
+        model_type, tensor = kinds[name.split("-")[0]]
         d = out / "export" / name
         cfg = json.loads((d / "config.json").read_text())
-        assert cfg["model_type"] == "mlp_speculator" and cfg["n_predict"] == K
+        assert cfg["model_type"] == model_type and cfg.get("n_predict", cfg.get("num_heads")) == K
         with safe_open(d / "model.safetensors", "pt") as f:
-            assert any(k.startswith("head.") for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+            assert any(k.startswith(tensor) for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
         card = (d / "README.md").read_text()
-        assert "mlp_speculator" in card and "| T = 0 | T = 1, sampled drafts | T = 1, greedy drafts |" in card
+        assert model_type in card and "| T = 0 | T = 1, sampled drafts | T = 1, greedy drafts |" in card
         assert re.search(r"\| \*\*mean\*\* \| \d\.\d\d \[", card), "the card's tau table has no mean row"
 
 

@@ -16,6 +16,7 @@ from lkspec.pipeline import PipelineResult
 from lkspec.train.metrics import read_metrics
 
 EPS = 1e-9  # bootstrap bounds of identical drafts differ from zero by rounding only
+NIL = 0.01  # tokens: a tau difference this small is no speed-up anyone can measure in serving
 
 
 def machine() -> str:
@@ -36,14 +37,16 @@ def verdict(report: Any, T: float, rule: str) -> list[str]:
         lo, hi = d["ci95"]
         base = report.row(d["baseline"], MEAN, T, rule)["tau"]
         rel = 100 * d["delta_tau"] / base if base else math.nan
-        if lo > EPS:
-            word = "better: the 95% CI excludes zero"
+        if hi - lo < NIL and abs(d["delta_tau"]) < NIL / 2:
+            word = f"practically identical (the whole 95% CI is within {NIL} tokens)"
+        elif lo > EPS:
+            word = "LK better: the 95% CI excludes zero"
         elif hi < -EPS:
-            word = "worse: the 95% CI excludes zero"
+            word = "LK worse: the 95% CI excludes zero"
         else:
             word = "no significant difference at this scale (the 95% CI contains zero)"
-        lines.append(f"- T={T:g}, {rule} drafts: `{d['draft']}` − `{d['baseline']}` = {d['delta_tau']:+.3f} tokens "
-                     f"({rel:+.1f} %), 95% CI [{lo:+.3f}, {hi:+.3f}] — {word}")
+        lines.append(f"- T={T:g}, {rule} drafts: `{d['draft']}` − `{d['baseline']}` = {d['delta_tau']:+.4f} tokens "
+                     f"({rel:+.2f} %), 95% CI [{lo:+.4f}, {hi:+.4f}] — {word}")
     return lines
 
 
