@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import StubDraft
 from lkspec.cli import main
 from lkspec.drafts import Draft, DraftConfig, build_draft
 from lkspec.errors import LkspecError
@@ -42,7 +43,7 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     torch.set_num_threads(before)
 
 
-class _Fixed(Draft):
+class _Fixed(StubDraft):
     """A draft defined only by its teacher-forced forward (enough for the replay)."""
 
     arch = "fixed"
@@ -52,22 +53,6 @@ class _Fixed(Draft):
         super().__init__(DraftConfig(arch="fixed", hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                                      num_heads=num_heads))
         self.target = target
-
-    def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def head_weight(self, k: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _propose_logits(self, *args: Any) -> Any:
-        raise NotImplementedError
-
-    def vllm_config(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def config_from_vllm(cls, cfg: dict[str, Any]) -> DraftConfig:
-        raise NotImplementedError
 
 
 class OracleDraft(_Fixed):

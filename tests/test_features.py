@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ import torch
 
 import lkspec
 import lkspec.io
+from helpers import kill_at_marker
 from lkspec.data.features import (
     INDEX,
     FeatureStore,
@@ -125,18 +121,7 @@ def test_sigkilled_extraction_resumes_identically(tiny_target: Target, tiny_targ
     """A process killed outright (no exception handler runs) leaves a store that resumes to the same shards."""
     script = KILL_SCRIPT.format(threads=torch.get_num_threads(), target=str(tiny_target_dir), tokens=str(tokens),
                                 out=str(tmp_path / "cut"))
-    env = {**os.environ, "PYTHONPATH": str(Path(lkspec.__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, env=env,
-                            text=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "SHARD-1-DONE" in line:
-                break
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_marker(script, "SHARD-1-DONE")
     assert len(FeatureStore(tmp_path / "cut").shards) == 2
     ran: list[int] = []
     cut = extract_features(tiny_target, tokens, tmp_path / "cut", dtype="float32", progress=False,

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
-import lkspec
+from helpers import kill_at_marker
 from lkspec.data.prompts import PromptRecord, load_prompts
 from lkspec.data.regenerate import META, PARTS, RegenConfig, load_tokens, read_meta, regenerate
 from lkspec.errors import LkspecError
@@ -164,18 +159,7 @@ def test_sigkilled_run_resumes_to_identical_dataset(tiny_target: Target, tiny_ta
     prompts = write_prompt_file(tmp_path / "p.jsonl", 7)
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(),
                                 target=str(tiny_target_dir), prompts=str(prompts), out=str(tmp_path / "cut"))
-    env = {**os.environ, "PYTHONPATH": str(Path(lkspec.__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, env=env,
-                            text=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "BATCH-1-DONE" in line:
-                break
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_marker(script, "BATCH-1-DONE")
     assert len(list((tmp_path / "cut" / PARTS).glob("part-*.arrow"))) == 2
     ps = load_prompts(source=str(prompts))
     cfg = RegenConfig(max_new_tokens=8, batch_size=2)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import StubDraft
 from lkspec.drafts import Draft, DraftConfig, Proposal, build_draft
 from lkspec.errors import LkspecError
 from lkspec.evaluate.replay import draft_traces, rounds_moments
@@ -35,7 +36,7 @@ def _one_thread() -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-class ScriptedDraft(Draft):
+class ScriptedDraft(StubDraft):
     """Proposes the continuation of a known greedy output, found by matching the target state it is given.
 
     Every `wrong_every`-th absolute position is proposed wrong on purpose, so rounds end at all offsets
@@ -75,21 +76,6 @@ class ScriptedDraft(Draft):
         return [10 * torch.nn.functional.one_hot(torch.tensor([self._token(r + 1 + k) for r in rs[: T - k]]),
                                                  V).float()[None] for k in range(1, self.num_heads + 1)]
 
-    def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def head_weight(self, k: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _propose_logits(self, *args: Any) -> Any:
-        raise NotImplementedError
-
-    def vllm_config(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def config_from_vllm(cls, cfg: dict[str, Any]) -> DraftConfig:
-        raise NotImplementedError
 
 
 def make_small_vocab_target(seed: int = 0) -> Target:

@@ -299,6 +299,16 @@ class Target:
         return out.logits.float()
 
 
+def _resolve_placement(spec: str | os.PathLike[str], device: str | torch.device | None,
+                       dtype: torch.dtype | str | None) -> tuple[str, Path | str, torch.device, torch.dtype]:
+    """(name, source, device, dtype): fp32 on CPU, bf16 on GPU unless given."""
+    name, source = resolve_target(spec)
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return name, source, dev, dtype or default_dtype(dev)
+
+
 def load_target(
     spec: str | os.PathLike[str] = EMBEDDED_NAME,
     *,
@@ -308,11 +318,7 @@ def load_target(
     """Load a frozen target in eval mode. fp32 on CPU, bf16 on GPU unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name, source = resolve_target(spec)
-    dev = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dt = dtype or default_dtype(dev)
+    name, source, dev, dt = _resolve_placement(spec, device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
@@ -406,11 +412,7 @@ def load_lm_head(
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
-    name, source = resolve_target(spec)
-    dev = torch.device(device) if device is not None else default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dt = dtype or default_dtype(dev)
+    name, source, dev, dt = _resolve_placement(spec, device, dtype)
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -1,0 +1,52 @@
+"""Helpers shared by several test files (pytest puts tests/ on sys.path: `from helpers import ...`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lkspec
+from lkspec.drafts import Draft, DraftConfig
+
+
+def kill_at_marker(script: str, marker: str) -> None:
+    """Run `script` in a fresh interpreter and SIGKILL it once it prints `marker`: a crash no handler sees."""
+    env = {**os.environ, "PYTHONPATH": str(Path(lkspec.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, env=env,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if marker in line:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the script ended on its own before printing {marker!r}"
+
+
+class StubDraft(Draft):
+    """A test draft that defines only what a test needs (forward / propose); the rest is not implemented."""
+
+    def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def head_weight(self, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _propose_logits(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def vllm_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_vllm(cls, cfg: dict[str, Any]) -> DraftConfig:
+        raise NotImplementedError
