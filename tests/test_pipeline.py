@@ -96,11 +96,14 @@ def test_fresh_refuses_a_folder_lkspec_did_not_make(tmp_path: Path, capsys: pyte
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
-def test_dry_run_runs_every_stage_in_miniature(tiny_target_dir: Path, tmp_path: Path,
+@pytest.mark.parametrize(("recipe", "extra"), [("llama31-8b-mlp-lk.yaml", []),
+                                               ("llama31-8b-medusa-lk.yaml", ["--set", "data.features.online=true"])],
+                         ids=["mlp-cached-features", "medusa-online-features"])
+def test_dry_run_runs_every_stage_in_miniature(recipe: str, extra: list[str], tiny_target_dir: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = ROOT / "configs" / "llama31-8b-mlp-lk.yaml"
-    code, out = cli(["run", str(recipe), "--dry-run", "--stand-in", str(tiny_target_dir), "--quiet",
-                     "--out", str(tmp_path / "real")], capsys)
+    code, out = cli(["run", str(ROOT / "configs" / recipe), "--dry-run", "--stand-in", str(tiny_target_dir), "--quiet",
+                     "--out", str(tmp_path / "real"), *extra], capsys)
     assert code == 0, out
-    assert "recipe 'llama31-8b-mlp-lk'" in out and "dry run OK: 1 training runs" in out
+    assert f"recipe '{recipe.removesuffix('.yaml')}'" in out and "dry run OK: 1 training runs" in out
+    assert ("features online" in out) == bool(extra)
     assert not (tmp_path / "real").exists()  # the dry run writes nothing where the real run will
