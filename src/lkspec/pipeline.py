@@ -112,16 +112,9 @@ class PipelineConfig(StrictModel):
 def load_pipeline_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                          base: dict[str, Any] | None = None) -> PipelineConfig:
     """base < YAML file < dotted overrides (`--set train.epochs=2`); unknown keys are one-line errors."""
-    from lkspec.train.config import flatten, read_yaml, set_dotted
+    from lkspec.train.config import layered
 
-    data: dict[str, Any] = {}
-    for k, v in flatten(base or {}).items():
-        set_dotted(data, k, v)
-    if path is not None:
-        for k, v in flatten(read_yaml(path)).items():
-            set_dotted(data, k, v)
-    for k, v in (overrides or {}).items():
-        set_dotted(data, k, v)
+    data = layered(path, overrides, base)
     return parse(PipelineConfig, data, f"pipeline config{f' {path}' if path else ''}")
 
 

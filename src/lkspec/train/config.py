@@ -174,16 +174,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def layered(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+            base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """base < YAML file < dotted overrides, merged key by key into a new dict (the inputs are not touched)."""
+    data: dict[str, Any] = {}
+    layers = [flatten(base or {}), flatten(read_yaml(path)) if path is not None else {}, overrides or {}]
+    for layer in layers:
+        for k, v in layer.items():
+            set_dotted(data, k, v)
+    return data
+
+
 def build_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                  base: dict[str, Any] | None = None) -> TrainConfig:
     """base (e.g. a run's saved config) < YAML file < dotted overrides (flags)."""
-    data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        for k, v in flatten(read_yaml(path)).items():
-            set_dotted(data, k, v)
-    for k, v in (overrides or {}).items():
-        set_dotted(data, k, v)
-    return parse(TrainConfig, data, f"training config{f' {path}' if path else ''}")
+    return parse(TrainConfig, layered(path, overrides, base), f"training config{f' {path}' if path else ''}")
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
