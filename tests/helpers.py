@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import lkspec
-from lkspec.drafts import Draft, DraftConfig
+from lkspec.drafts import Draft
 
 
 def kill_at_marker(script: str, marker: str) -> None:
@@ -45,8 +45,4 @@ class StubDraft(Draft):
         raise NotImplementedError
 
     def vllm_config(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def config_from_vllm(cls, cfg: dict[str, Any]) -> DraftConfig:
         raise NotImplementedError

@@ -24,7 +24,7 @@ from pydantic import Field
 from lkspec import __version__
 from lkspec.config import StrictModel, parse
 from lkspec.errors import LkspecError
-from lkspec.io import read_json, save_tensors, write_json
+from lkspec.io import save_tensors, write_json
 from lkspec.sampling import sample, warp_probs
 from lkspec.targets import TargetIdentity
 
@@ -128,11 +128,6 @@ class Draft(torch.nn.Module, ABC):
     def vllm_config(self) -> dict[str, Any]:
         """config.json keys in the layout vLLM's loader for this architecture reads."""
 
-    @classmethod
-    @abstractmethod
-    def config_from_vllm(cls, cfg: dict[str, Any]) -> DraftConfig:
-        """Inverse of `vllm_config` (for directories written by other tools in the same layout)."""
-
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Every stage's tensors under vLLM's names (tied weights appear once per stage)."""
         return dict(self.state_dict(keep_vars=False))
@@ -198,20 +193,12 @@ def check_draft_target(config: DraftConfig, identity: TargetIdentity, what: str 
 
 
 def read_draft_config(path: str | Path) -> tuple[DraftConfig, dict[str, Any]]:
-    """(draft config, full config.json) of a checkpoint directory, without loading weights."""
-    d = Path(path)
-    if not (d / CONFIG_FILE).is_file():
-        raise LkspecError(f"{d} has no {CONFIG_FILE}; pass a draft directory written by `lkspec train` or export")
-    raw = read_json(d / CONFIG_FILE)
-    meta = raw.get("lkspec")
-    if meta:
-        cls = draft_class(meta["arch"])
-        return parse(cls.config_cls, meta["config"], f"draft config in {d}/{CONFIG_FILE}"), raw
-    # vLLM-native, lkspec exports, IBM fms, FasterDecoding: the importer knows their configs (shapes may
-    # come from the safetensors headers; no weights are loaded)
+    """(draft config, full config.json) of a checkpoint directory in any layout lkspec reads, without
+    loading weights (outside layouts may take shapes from the safetensors headers)."""
     from lkspec.export.importers import read_checkpoint
 
-    return read_checkpoint(d, weights=False).config, raw
+    ck = read_checkpoint(path, weights=False)
+    return ck.config, ck.raw
 
 
 def load_draft(path: str | Path, *, target: TargetIdentity | None = None,

@@ -102,13 +102,3 @@ class Medusa(Draft):
             "medusa_fc_bias": c.bias,
             "truncated_vocab_size": None,
         }
-
-    @classmethod
-    def config_from_vllm(cls, cfg: dict[str, Any]) -> MedusaConfig:
-        return MedusaConfig(
-            hidden_size=cfg["hidden_size"],
-            vocab_size=cfg["vocab_size"],
-            num_heads=cfg["num_heads"],
-            num_layers=cfg.get("num_hidden_layers", 1),
-            bias=bool(cfg.get("medusa_fc_bias", False)),
-        )

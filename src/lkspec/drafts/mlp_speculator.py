@@ -153,14 +153,3 @@ class MLPSpeculator(Draft):
             "tie_weights": c.tie_weights,
             "scale_input": c.scale_input,
         }
-
-    @classmethod
-    def config_from_vllm(cls, cfg: dict[str, Any]) -> MLPSpeculatorConfig:
-        return MLPSpeculatorConfig(
-            hidden_size=cfg["emb_dim"],
-            vocab_size=cfg["vocab_size"],
-            num_heads=cfg["n_predict"],
-            inner_dim=cfg.get("inner_dim", 0) or 0,
-            tie_weights=bool(cfg.get("tie_weights", False)),
-            scale_input=bool(cfg.get("scale_input", False)),
-        )

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lkspec.drafts import Draft, MLPSpeculator, load_draft, read_draft_config
+from lkspec.drafts import Draft, MLPSpeculator, load_draft
 from lkspec.errors import LkspecError
 from lkspec.export.card import KNOWN_ARCHS, KNOWN_HUB_IDS, git_state, model_card, provenance, select_eval_rows
 from lkspec.export.importers import PROVENANCE_FILE, read_checkpoint
@@ -119,10 +119,10 @@ def export_draft(
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise LkspecError(f"--out {dst} would replace the draft being exported ({src}); choose another --out")
     torch_dtype = parse_dtype(dtype)
-    _, raw = read_draft_config(src)
+    source = read_checkpoint(src, weights=False)
+    raw, layout_name = source.raw, source.layout
     meta, target = source_meta(src, raw)
     log.info("loading draft %s", src)
-    layout_name = read_checkpoint(src, weights=False).layout
     draft = load_draft(src)
     K = draft.num_heads
     n = K if num_speculative_tokens is None else num_speculative_tokens
