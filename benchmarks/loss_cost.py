@@ -54,7 +54,8 @@ def time_all(n: int, v: int, device: str, repeats: int, impls: list[str]) -> dic
     for impl in impls:
         _step("kl", impl, z, zp)  # warm-up
     for r in range(repeats):
-        order = list(LOSSES[r % len(LOSSES):]) + list(LOSSES[: r % len(LOSSES)])  # rotate: no loss always first
+        names = list(LOSSES)
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no loss always first
         for impl in impls:
             for name in order:
                 _sync(device)

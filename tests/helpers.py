@@ -15,6 +15,15 @@ import torch
 import lkspec
 from lkspec.drafts import Draft
 
+LKSPEC = Path(sys.executable).with_name("lkspec")  # the installed console script: the real entry point
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`lkspec ARGS` in a subprocess, as a user runs it (wide, uncoloured help output)."""
+    full = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb", **(env or {})}
+    return subprocess.run([str(LKSPEC), *args], capture_output=True, text=True, env=full, timeout=timeout, cwd=cwd)
+
 
 def kill_at_marker(script: str, marker: str) -> None:
     """Run `script` in a fresh interpreter and SIGKILL it once it prints `marker`: a crash no handler sees."""

@@ -182,8 +182,8 @@ def test_head_sums_match_draft_loss_stats() -> None:
         sums.add(1, term.kl[:25], term.alpha[:25], 3.0)
         sums.add(1, term.kl[25:], term.alpha[25:], 3.0)
         s = sums.summary(name, 3.0)
-        assert s["loss"][0] == pytest.approx(term.stats.loss, rel=1e-5), name
-        assert s["alpha"][0] == pytest.approx(term.stats.alpha, rel=1e-6)
+        assert s.loss[0] == pytest.approx(term.stats.loss, rel=1e-5), name
+        assert s.alpha[0] == pytest.approx(term.stats.alpha, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

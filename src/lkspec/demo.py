@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lkspec.errors import LkspecError
+from lkspec.losses import BASELINE_LOSS, DEFAULT_LOSS
 from lkspec.pipeline import PipelineConfig, load_pipeline_config
 from lkspec.targets import EMBEDDED_NAME
 
@@ -18,7 +20,7 @@ ARCHS = {"mlp": ["mlp_speculator"], "medusa": ["medusa"], "all": ["mlp_speculato
 
 FULL: dict[str, Any] = {
     "name": "lkspec-demo",
-    "losses": ["kl", "lk_hybrid"],
+    "losses": [BASELINE_LOSS, DEFAULT_LOSS],
     "arch_options": {"mlp_speculator": {"inner_dim": 128, "tie_weights": True}, "medusa": {"num_layers": 1}},
     "data": {
         "prompts": {"source": "sharegpt", "limit": 224, "max_chars": 1000, "seed": 0},
@@ -59,8 +61,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def demo_config(*, quick: bool = False, scale: float = 1.0, arch: str = "mlp", target: str = EMBEDDED_NAME,
                 overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """The demo's pipeline config; `scale` multiplies the prompt budget and the evaluation prompts."""
-    from lkspec.errors import LkspecError
-
     if arch not in ARCHS:
         raise LkspecError(f"unknown --arch {arch!r}; choose mlp, medusa or all")
     if not scale > 0:

@@ -18,12 +18,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from lkspec.config import StrictModel, parse
-from lkspec.data.prompts import PromptConfig
-from lkspec.data.regenerate import RegenConfig
+from lkspec.config import StrictModel, changed_keys, flatten, layered, parse
+from lkspec.data.features import FeatureStore, OnlineFeatures
+from lkspec.data.pipeline import run_all
+from lkspec.data.prompts import PromptConfig, load_prompts, write_prompts_jsonl
+from lkspec.data.regenerate import RegenConfig, regenerate
+from lkspec.drafts import load_draft
 from lkspec.errors import LkspecError
-from lkspec.evaluate.run import EvalSettings
+from lkspec.evaluate.run import DraftEntry, EvalSettings, evaluate
+from lkspec.export.exporter import export_draft
 from lkspec.io import read_json, write_json
+from lkspec.losses import BASELINE_LOSS, DEFAULT_LOSS, LOSSES, check_loss_name, get_loss
+from lkspec.targets import load_target
+from lkspec.train import build_config, train
+from lkspec.train.checkpoint import state_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,7 @@ class PipelineConfig(StrictModel):
     target: str = "smollm2-135m-instruct"
     device: str | None = None
     archs: list[Literal["mlp_speculator", "medusa"]] = Field(default_factory=lambda: ["mlp_speculator"])
-    losses: list[str] = Field(default_factory=lambda: ["kl", "lk_hybrid"],
+    losses: list[str] = Field(default_factory=lambda: [BASELINE_LOSS, DEFAULT_LOSS],
                               description="one training run per (arch, loss); the first loss is the baseline")
     arch_options: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                     description="per-arch draft options, e.g. mlp_speculator: "
@@ -70,15 +78,12 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
-        from lkspec.losses import LOSSES
-
         if not self.archs:
             raise ValueError("archs is empty; list mlp_speculator and/or medusa")
         if not self.losses:
             raise ValueError("losses is empty; list at least one of " + ", ".join(LOSSES))
         for loss in self.losses:
-            if loss not in LOSSES:
-                raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+            check_loss_name(loss)
         for key in ("target", "features"):
             if key in self.train:
                 raise ValueError(f"train.{key} is set by the pipeline; remove it (use the top-level target)")
@@ -96,8 +101,6 @@ class PipelineConfig(StrictModel):
         return [(f"{ARCH_SHORT[a]}-{loss}", a, loss) for a in self.archs for loss in self.losses]
 
     def train_config(self, arch: str, loss: str, out: Path) -> Any:
-        from lkspec.train.config import build_config, flatten
-
         overrides = {
             **flatten(self.train),
             "target": self.target,
@@ -112,8 +115,6 @@ class PipelineConfig(StrictModel):
 def load_pipeline_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                          base: dict[str, Any] | None = None) -> PipelineConfig:
     """base < YAML file < dotted overrides (`--set train.epochs=2`); unknown keys are one-line errors."""
-    from lkspec.train.config import layered
-
     data = layered(path, overrides, base)
     return parse(PipelineConfig, data, f"pipeline config{f' {path}' if path else ''}")
 
@@ -145,10 +146,7 @@ def _check_record(out: Path, cfg: PipelineConfig) -> None:
     if rec.is_file():
         old = read_json(rec).get("config")
         if old is not None and old != now:
-            from lkspec.train.config import flatten
-
-            a, b = flatten(old), flatten(now)
-            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            keys = [line.split(":", 1)[0] for line in changed_keys(old, now)]
             shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
             raise LkspecError(f"{out} holds results of different settings ({shown}); choose another output folder "
                               f"(--out) or pass --fresh to start over there")
@@ -160,13 +158,6 @@ def _check_record(out: Path, cfg: PipelineConfig) -> None:
 def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
                  announce: Callable[[str], None] = print) -> PipelineResult:
     """Run (or finish) every stage into `out`; returns paths, the evaluation report and stage timings."""
-    from lkspec.data.pipeline import run_all
-    from lkspec.drafts import load_draft
-    from lkspec.evaluate.run import DraftEntry, evaluate
-    from lkspec.export.exporter import export_draft
-    from lkspec.targets import load_target
-    from lkspec.train import train
-
     out = Path(out)
     _check_record(out, cfg)
     res = PipelineResult(out=out, config=cfg)
@@ -186,10 +177,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     feature_kw: dict[str, Any] = {"dtype": f.dtype, "batch_size": f.batch_size, "shard_tokens": f.shard_tokens,
                                   "max_tokens": f.max_tokens}
     if f.online:
-        from lkspec.data.features import OnlineFeatures
-        from lkspec.data.prompts import load_prompts, write_prompts_jsonl
-        from lkspec.data.regenerate import regenerate
-
         ps = load_prompts(cfg.data.prompts)
         write_prompts_jsonl(ps, out / "data" / "prompts.jsonl")
         regenerate(target, ps, out / "data" / "tokens", cfg.data.regenerate, progress=progress)
@@ -197,8 +184,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     else:
         paths = run_all(lambda _stage: target, cfg.data.prompts, cfg.data.regenerate, out / "data",
                         progress=progress, **feature_kw)
-        from lkspec.data.features import FeatureStore
-
         store = FeatureStore(paths["features"])
     res.data_stats = {"docs": store.num_docs, "tokens": store.num_tokens, "loss_tokens": store.num_loss_tokens}
     res.times.append(StageTime("data", time.perf_counter() - t,
@@ -208,9 +193,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
         tcfg = cfg.train_config(arch, loss, out).model_copy(update={"progress": progress})
         run_dir = out / "runs" / name
         t = stage(3 + i, f"train {name}: {arch}, loss {loss}"
-                  + (f" (eta {tcfg.eta:g})" if loss.startswith("lk_hybrid") else ""))
-        from lkspec.train.checkpoint import state_dir
-
+                  + (f" (eta {tcfg.eta:g})" if get_loss(loss).uses_eta else ""))
         resume = state_dir(run_dir) is not None
         result = train(tcfg, run_dir, store=store, target=target, resume=resume)
         res.runs[name] = run_dir

@@ -13,13 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lkspec.data.prompts import source_kind
+from lkspec.drafts import build_draft
+from lkspec.losses import get_loss
 from lkspec.pipeline import PipelineConfig, load_pipeline_config, run_pipeline
+from lkspec.targets import EMBEDDED_NAME
 
 
 def _target_shapes(spec: str) -> tuple[int, int] | None:
     """(hidden, vocab) from the target's config without loading weights; None when it is not reachable."""
-    from lkspec.targets import EMBEDDED_NAME
-
     if spec == EMBEDDED_NAME:
         return 576, 49152
     try:
@@ -34,8 +38,6 @@ def _target_shapes(spec: str) -> tuple[int, int] | None:
 
 def plan(cfg: PipelineConfig) -> list[str]:
     """Full-scale plan lines: what will run and roughly how big it is."""
-    from lkspec.drafts import build_draft
-
     p, r, f = cfg.data.prompts, cfg.data.regenerate, cfg.data.features
     lines = [f"recipe {cfg.name!r}: target {cfg.target}",
              f"  data: prompts from {p.source}" + (f" ({p.hf_config})" if p.hf_config else "")
@@ -48,8 +50,6 @@ def plan(cfg: PipelineConfig) -> list[str]:
         t = cfg.train_config(arch, loss, Path("."))
         size = ""
         if shapes is not None:
-            import torch
-
             with torch.device("meta"):
                 d = build_draft(arch, hidden_size=shapes[0], vocab_size=shapes[1], **t.draft.options())
             size = f", {d.num_parameters() / 1e6:.0f}M parameters"
@@ -57,7 +57,7 @@ def plan(cfg: PipelineConfig) -> list[str]:
         if p.limit:
             steps = f", about {-(-p.limit // t.data.batch_size) * t.epochs:,} steps"
         lines.append(f"  train {name}: {arch}{size}, loss {loss}"
-                     + (f" (eta {t.eta:g})" if loss.startswith("lk_hybrid") else "")
+                     + (f" (eta {t.eta:g})" if get_loss(loss).uses_eta else "")
                      + f", {t.epochs} epochs × batch {t.data.batch_size}, lr {t.optim.lr:g}{steps}")
     if shapes is not None and p.limit and not f.online:
         per_token = shapes[0] * (4 if f.dtype == "float32" else 2)
@@ -73,8 +73,6 @@ def plan(cfg: PipelineConfig) -> list[str]:
 
 def miniature(cfg: PipelineConfig, stand_in: str) -> PipelineConfig:
     """The same recipe shrunk to seconds on `stand_in`: every key the user wrote still goes through parsing."""
-    from lkspec.data.prompts import source_kind
-
     data = cfg.model_dump(mode="json")
     data["target"] = stand_in
     data["device"] = None

@@ -6,12 +6,16 @@ estimate, because at demo scale a difference of a few hundredths of a token is o
 from __future__ import annotations
 
 import math
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lkspec.evaluate.report import MEAN
 from lkspec.io import atomic_path
+from lkspec.losses import get_loss
 from lkspec.pipeline import PipelineResult
 from lkspec.train.metrics import read_metrics
 
@@ -20,10 +24,6 @@ NIL = 0.01  # tokens: a tau difference this small is no speed-up anyone can meas
 
 
 def machine() -> str:
-    import os
-
-    import torch
-
     return (f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
@@ -120,7 +120,7 @@ def write_report(res: PipelineResult, *, command: str, total_s: float, title: st
             train = cfg.train_config(*next((a, loss) for n, a, loss in cfg.run_names() if n == name), out)
             a = " / ".join(f"{x:.3f}" for x in alpha)
             lines.append(f"- `{name}`: {train.draft.arch}, loss `{train.loss.name}`"
-                         + (f" (eta {train.eta:g})" if train.loss.name.startswith("lk_hybrid") else "")
+                         + (f" (eta {train.eta:g})" if get_loss(train.loss.name).uses_eta else "")
                          + (f", {params:,} parameters" if params else "")
                          + f"; {train.epochs} epochs × batch {train.data.batch_size}, lr {train.optim.lr:g}, seed "
                          f"{train.seed}; selected at step {step}: held-out simulated tau {tau:.3f}, alpha per head {a}")

@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from lkspec.config import parse_assignment
+
 Sets = Annotated[list[str] | None, typer.Option(
     "--set", help="Override any config key, dotted: --set train.epochs=2 --set eval.limit=10 (repeatable).")]
 Fresh = Annotated[bool, typer.Option(
@@ -24,8 +26,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _overrides(sets: list[str] | None) -> dict[str, object]:
-    from lkspec.train.config import parse_assignment
-
     return dict(parse_assignment(s) for s in sets or [])
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from lkspec.config import StrictModel, parse
+from lkspec.config import StrictModel, flag, parse
 from lkspec.data.benchmarks import BENCHMARKS, canonical_name, load_benchmark
 from lkspec.drafts import Draft, check_draft_target, load_draft
 from lkspec.errors import LkspecError
@@ -30,18 +30,27 @@ log = logging.getLogger(__name__)
 
 
 class EvalSettings(StrictModel):
-    benchmarks: list[str] = Field(default_factory=lambda: list(BENCHMARKS))
-    limit: int | None = Field(None, ge=1, description="first N prompts of each benchmark")
-    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0])
-    rules: list[str] = Field(default_factory=lambda: list(RULES))
-    k: int | None = Field(None, ge=1, description="tokens drafted per round; default: the drafts' head count")
-    max_new_tokens: int = Field(256, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(16, ge=1, description="prompts per batch when sampling the target")
-    bootstrap: int = Field(2000, ge=100)
-    use_cache: bool = True
+    benchmarks: list[str] = Field(default_factory=lambda: list(BENCHMARKS), description=(
+        "Benchmark(s): mtbench, humaneval, gsm8k (offline), gsm8k_full (needs the hub)."),
+        **flag("--benchmark", "-b"))
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts of each benchmark.", **flag())
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0], description=(
+        "Temperature(s) of target and draft; 0 = greedy."), **flag("--temperature", "-t"))
+    rules: list[str] = Field(default_factory=lambda: list(RULES), description=(
+        "Acceptance rule(s): 'sampled' (drafts sampled from q, accepted w.p. min(1, p/q)) and/or 'greedy' "
+        "(argmax drafts: vLLM's rule)."), **flag("--rule"))
+    k: int | None = Field(None, ge=1, description="Tokens drafted per round (K); default: the drafts' head count; "
+                          "must be <= it.", **flag("--k", "-k"))
+    max_new_tokens: int = Field(256, ge=1, description="Length cap of each target response (tokens).", **flag())
+    seeds: list[int] = Field(default_factory=lambda: [0], description=(
+        "Seed(s) of the target samples at T > 0; several are pooled per prompt."), **flag("--seed"))
+    top_k: int = Field(0, ge=0, description="Top-k filter applied identically to p and q (0 = off).", **flag())
+    top_p: float = Field(1.0, gt=0, le=1, description="Top-p filter applied identically to p and q (1 = off).",
+                         **flag())
+    batch_size: int = Field(16, ge=1, description="Prompts per batch when sampling the target.", **flag())
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples (over prompts) for the 95% CIs.", **flag())
+    use_cache: bool = Field(True, description="Reuse target samples cached in $LKSPEC_CACHE/eval-samples (--no-cache "
+                            "regenerates them).", **flag("--cache/--no-cache"))
 
     def checked(self) -> EvalSettings:
         """A normalised copy (canonical benchmark names, sorted unique temperatures); one-line errors otherwise."""

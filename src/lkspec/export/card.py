@@ -21,6 +21,7 @@ import lkspec
 from lkspec.data.benchmarks import BENCHMARKS
 from lkspec.drafts import Draft, Medusa, MLPSpeculator
 from lkspec.errors import LkspecError
+from lkspec.losses import LOSSES
 from lkspec.targets import TargetIdentity
 
 EVAL_FORMAT = "lkspec-eval/1"
@@ -39,13 +40,6 @@ In short: MEDUSA runs on vLLM 0.10–0.32 (drafts greedy at T > 0); MLP-Speculat
 sampled drafts. Greedy drafts stay lossless, but their acceptance at T > 0 is p(argmax q) instead of
 Σ min(p, q), so the "greedy" τ column is the one to expect from those engines."""
 
-LOSS_NAMES = {
-    "kl": "forward KL divergence to the target (baseline)",
-    "tv": "total variation distance (1 − α)",
-    "lk_alpha": "LK^α: −log of the acceptance rate α",
-    "lk_hybrid": "Hybrid LK loss with adaptive λ scheduling",
-    "lk_hybrid_token": "Hybrid LK loss with per-token λ",
-}
 KNOWN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 KNOWN_ARCHS = {"smollm2-135m-instruct": ["LlamaForCausalLM"],
                "huggingfacetb/smollm2-135m-instruct": ["LlamaForCausalLM"]}
@@ -202,8 +196,9 @@ def _objective(train: dict[str, Any] | None) -> str:
     if not train or "loss" not in train:
         return "not recorded"
     loss = str(train["loss"])
-    text = f"`{loss}`: {LOSS_NAMES.get(loss, loss)}"
-    if loss.startswith("lk_hybrid") and train.get("eta") is not None:
+    entry = LOSSES.get(loss)
+    text = f"`{loss}`: {entry.description if entry else loss}"
+    if entry is not None and entry.uses_eta and train.get("eta") is not None:
         text += f" (η = {train['eta']:g})"
     if train.get("gamma") is not None:
         text += f"; head weights γ^(k−1), γ = {train['gamma']:g}"

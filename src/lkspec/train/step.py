@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from lkspec.drafts import Draft
-from lkspec.losses import draft_head_term
+from lkspec.losses import AlphaMean, draft_head_term, get_loss
 from lkspec.train.batching import MicroBatch, pack
 from lkspec.train.distributed import DistContext
 from lkspec.train.metrics import HeadSums
@@ -46,17 +46,29 @@ def head_modules(draft: Draft) -> list[nn.Module]:
     return out
 
 
+class Teacher(Protocol):
+    """What a step needs from the target: its frozen lm_head, as logits from post-norm hidden states."""
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+def known_alpha_mean(value: torch.Tensor) -> AlphaMean:
+    """lambda's batch-mean alpha, measured beforehand (a no-grad pass over the step's micro-batches)."""
+    return lambda _local_sum: value
+
+
 class StepRunner:
     """Computes losses and gradients of micro-batches for one draft and one frozen lm_head."""
 
-    def __init__(self, draft: Draft, lm_head: Any, heads: list[nn.Module], *, loss: str, eta: float,
+    def __init__(self, draft: Draft, lm_head: Teacher, heads: list[nn.Module], *, loss: str, eta: float,
                  gamma: float, temperature: float, impl: str, micro_batch_tokens: int,
                  ctx: DistContext | None = None, device: torch.device | None = None,
                  autocast_dtype: torch.dtype | None = None, trunk: Callable[..., list[torch.Tensor]] | None = None,
                  grad_scale: float = 1.0, lockstep: bool = False) -> None:
         self.draft, self.lm_head, self.heads = draft, lm_head, heads
         self.K = len(heads)
-        self.loss, self.eta, self.gamma, self.temperature, self.impl = loss, eta, gamma, temperature, impl
+        self.loss = get_loss(loss)
+        self.eta, self.gamma, self.temperature, self.impl = eta, gamma, temperature, impl
         self.micro_batch_tokens = micro_batch_tokens
         self.ctx = ctx or DistContext()
         self.device = device or torch.device("cpu")
@@ -74,7 +86,7 @@ class StepRunner:
 
     # ----- one micro-batch ----------------------------------------------------------------------
     def micro(self, mb: MicroBatch, sums: HeadSums, *, backward: bool, counts: list[float] | None = None,
-              alpha_means: list[torch.Tensor] | None = None, inline: bool = False) -> None:
+              alpha_means: list[AlphaMean] | None = None) -> None:
         K, dev = self.K, self.device
         hidden = mb.hidden.to(dev, non_blocking=True)
         ids = mb.input_ids.to(dev, non_blocking=True)
@@ -94,11 +106,9 @@ class StepRunner:
             with torch.set_grad_enabled(backward), self.autocast():
                 z = self.heads[k - 1](leaf[m])
             term = draft_head_term(
-                self.loss, k, z, teacher[index[k:][m]], None, eta=self.eta, gamma=self.gamma,
-                temperature=self.temperature, impl=self.impl,
-                count=None if counts is None else counts[k - 1],
-                alpha_mean=self._alpha_mean(k, counts) if inline else (None if alpha_means is None
-                                                                       else alpha_means[k - 1]),
+                self.loss.name, k, z, teacher[index[k:][m]], None, eta=self.eta, gamma=self.gamma,
+                temperature=self.temperature, impl=self.impl, count=None if counts is None else counts[k - 1],
+                alpha_mean=None if alpha_means is None else alpha_means[k - 1],
             )
             sums.add(k, term.kl, term.alpha, self.eta)
             if backward and (term.alpha.numel() > 0 or self.lockstep):
@@ -114,8 +124,9 @@ class StepRunner:
             if pairs:
                 torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
 
-    def _alpha_mean(self, k: int, counts: list[float] | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        n = max(1.0, counts[k - 1]) if counts is not None else 1.0
+    def reduced_alpha_mean(self, k: int, counts: list[float]) -> AlphaMean:
+        """lambda's batch-mean alpha from one all-reduce of head k's alpha sum, right before its backward."""
+        n = max(1.0, counts[k - 1])
 
         def reduce(local_sum: torch.Tensor) -> torch.Tensor:
             return self.ctx.sum_(local_sum.detach().clone().float()) / n
@@ -130,6 +141,18 @@ class StepRunner:
         h = self.draft.config.hidden_size
         return micro_batches + [MicroBatch.empty(h, torch.float32) for _ in range(n - len(micro_batches))]
 
+    def _alpha_means(self, micro_batches: list[MicroBatch], counts: list[float]) -> list[AlphaMean] | None:
+        """How lambda gets the global batch's mean alpha, for losses that need it (see the module docstring)."""
+        if not self.loss.batch_alpha:
+            return None
+        if self.ctx.max_int(len(micro_batches)) <= 1:
+            return [self.reduced_alpha_mean(k, counts) for k in range(1, self.K + 1)]
+        pre = HeadSums(self.K)
+        for mb in micro_batches:
+            self.micro(mb, pre, backward=False)
+        self.ctx.sum_(pre.t)
+        return [known_alpha_mean(torch.tensor(a, dtype=torch.float32, device=self.device)) for a in pre.alphas()]
+
     def accumulate(self, micro_batches: list[MicroBatch]) -> HeadSums:
         """Forward + backward over this rank's micro-batches; returns the globally reduced head sums."""
         K = self.K
@@ -138,24 +161,13 @@ class StepRunner:
         for mb in micro_batches:
             local += torch.tensor([float(m.sum()) for m in mb.head_masks(K)], dtype=torch.float64)
         counts = self.ctx.sum_(local).tolist()
-        alpha_means = None
-        inline = False
-        if self.loss == "lk_hybrid":
-            if self.ctx.max_int(len(micro_batches)) <= 1:
-                inline = True
-            else:
-                pre = HeadSums(K)
-                for mb in micro_batches:
-                    self.micro(mb, pre, backward=False)
-                self.ctx.sum_(pre.t)
-                alpha_means = [torch.tensor(a / max(n, 1.0), dtype=torch.float32, device=self.device)
-                               for a, n in zip(pre.t[:, 1].tolist(), pre.t[:, 0].tolist(), strict=True)]
+        alpha_means = self._alpha_means(micro_batches, counts)
         sums = HeadSums(K)
         for mb in micro_batches:
-            self.micro(mb, sums, backward=True, counts=counts, alpha_means=alpha_means, inline=inline)
-        if inline and not micro_batches:
-            for k in range(1, K + 1):  # an empty slice still joins every head's collective
-                self._alpha_mean(k, counts)(torch.zeros((), device=self.device))
+            self.micro(mb, sums, backward=True, counts=counts, alpha_means=alpha_means)
+        if alpha_means is not None and not micro_batches:
+            for reduce in alpha_means:  # an empty slice still joins every head's collective
+                reduce(torch.zeros((), device=self.device))
         self.ctx.sum_(sums.t)
         return sums
 

@@ -1,0 +1,150 @@
+"""Per-token KL(p||q) and alpha = sum_v min(p_v, q_v): the two numbers every loss in the table is made of.
+
+Two implementations with the same values and draft gradients (tests/test_losses.py):
+
+* `reference`: a few readable lines of full-vocabulary tensor math; autograd keeps several [N, V]
+  intermediates for backward.
+* `chunked`: a custom autograd function that walks the vocabulary in chunks, keeps only the inputs and
+  three [N] vectors for backward, and recomputes the probabilities chunk by chunk there.
+
+The target logits are a teacher: they never receive a gradient. p and q are taken at the training
+temperature, in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lkspec.errors import LkspecError
+
+IMPLEMENTATIONS = ("chunked", "reference")
+
+
+# ----------------------------------------------------------------------------------------------
+# per-token statistics: the reference
+# ----------------------------------------------------------------------------------------------
+def token_stats_reference(
+    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p||q) and alpha = sum min(p, q) per row, by the definitions."""
+    log_q = torch.log_softmax(draft_logits.float() / temperature, dim=-1)
+    log_p = torch.log_softmax(target_logits.detach().float() / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    kl = (p * (log_p - log_q)).sum(-1)
+    alpha = torch.minimum(p, q).sum(-1)
+    return kl, alpha
+
+
+# ----------------------------------------------------------------------------------------------
+# per-token statistics: the vocab-chunked twin
+# ----------------------------------------------------------------------------------------------
+def _chunk_size(n_rows: int, vocab: int, budget: int = 1 << 22) -> int:
+    """Columns per chunk so one [N, chunk] fp32 temporary stays near `budget` elements (16 MB).
+
+    Small chunks are also *faster* than full-vocabulary ops on CPU (no page-faulting GB temporaries);
+    benchmarks/loss_cost.py measures both implementations side by side.
+    """
+    return max(256, min(vocab, budget // max(n_rows, 1)))
+
+
+def _scaled_log_probs(x: torch.Tensor, inv_t: float, lse: torch.Tensor) -> torch.Tensor:
+    """log softmax(x / T) for a chunk of columns, given the rows' full logsumexp (fp32 result)."""
+    return (x.float() * inv_t if inv_t != 1.0 else x.float()) - lse[:, None]
+
+
+def _logsumexp_chunked(x: torch.Tensor, inv_t: float, chunk: int) -> torch.Tensor:
+    parts = [
+        torch.logsumexp(x[:, i : i + chunk].float() * inv_t if inv_t != 1.0 else x[:, i : i + chunk].float(), -1)
+        for i in range(0, x.shape[1], chunk)
+    ]
+    return torch.logsumexp(torch.stack(parts, -1), dim=-1)
+
+
+class _ChunkedKLAlpha(torch.autograd.Function):
+    """(KL_t, alpha_t) for rows of logits, saving no [N, V] intermediate for backward.
+
+    With q = softmax(z/T), p = softmax(zp/T), s_v = 1[q_v < p_v] and S = sum_v s_v q_v:
+        dKL_t/dz    = (q - p) / T
+        dalpha_t/dz = q * (s - S) / T
+    Forward saves the two logsumexps and S (three [N] vectors); backward recomputes p and q per
+    chunk. (At exact ties q_v = p_v > 0, torch.minimum splits the gradient in half; this takes the
+    subgradient 0. Ties have measure zero and the tests check agreement on random logits.)
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, zp: torch.Tensor, temperature: float, chunk: int):  # type: ignore[override]
+        inv_t = 1.0 / temperature
+        lse_q = _logsumexp_chunked(z, inv_t, chunk)
+        lse_p = _logsumexp_chunked(zp, inv_t, chunk)
+        n = z.shape[0]
+        kl = torch.zeros(n, device=z.device, dtype=torch.float32)
+        alpha = torch.zeros_like(kl)
+        s_mass = torch.zeros_like(kl)
+        for i in range(0, z.shape[1], chunk):
+            log_q = _scaled_log_probs(z[:, i : i + chunk], inv_t, lse_q)
+            log_p = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_p)
+            q, p = log_q.exp(), log_p.exp()
+            kl += torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+            below = q < p
+            alpha += torch.where(below, q, p).sum(-1)
+            s_mass += torch.where(below, q, 0.0).sum(-1)
+        ctx.save_for_backward(z, zp, lse_q, lse_p, s_mass)
+        ctx.inv_t, ctx.chunk = inv_t, chunk
+        return kl, alpha
+
+    @staticmethod
+    def backward(ctx, g_kl: torch.Tensor | None, g_alpha: torch.Tensor | None):  # type: ignore[override]
+        z, zp, lse_q, lse_p, s_mass = ctx.saved_tensors
+        inv_t, chunk = ctx.inv_t, ctx.chunk
+        zeros = torch.zeros_like(lse_q)
+        gk = (zeros if g_kl is None else g_kl.float()) * inv_t
+        ga = (zeros if g_alpha is None else g_alpha.float()) * inv_t
+        # grad = q * (gk + ga * (s - S)) - gk * p, where the bracket takes one of two values per row
+        coef_below = (gk + ga * (1.0 - s_mass))[:, None]
+        coef_above = (gk - ga * s_mass)[:, None]
+        neg_gk = -gk[:, None]
+        grad = torch.empty_like(z)
+        for i in range(0, z.shape[1], chunk):
+            q = _scaled_log_probs(z[:, i : i + chunk], inv_t, lse_q).exp_()
+            p = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_p).exp_()
+            g = torch.where(q < p, coef_below, coef_above).mul_(q)
+            grad[:, i : i + chunk] = torch.addcmul(g, p, neg_gk)
+        return grad, None, None, None
+
+
+def token_stats_chunked(
+    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same values and draft gradients as `token_stats_reference`, in O(N) saved memory."""
+    n, v = draft_logits.shape
+    chunk = chunk or _chunk_size(n, v)
+    kl, alpha = _ChunkedKLAlpha.apply(draft_logits, target_logits.detach(), temperature, chunk)
+    return kl, alpha
+
+
+def token_stats(
+    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0, impl: str = "chunked"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (KL_t, alpha_t) of [N, V] draft and target logits at `temperature`."""
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise LkspecError(f"training temperature must be > 0, got {temperature}")
+    if draft_logits.shape != target_logits.shape or draft_logits.dim() != 2:
+        raise LkspecError(
+            f"draft logits {tuple(draft_logits.shape)} and target logits {tuple(target_logits.shape)} must both be "
+            f"[N, V]; the draft's vocab must equal the target's"
+        )
+    if impl == "chunked":
+        return token_stats_chunked(draft_logits, target_logits, temperature)
+    if impl == "reference":
+        return token_stats_reference(draft_logits, target_logits, temperature)
+    raise LkspecError(f"unknown loss implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+
+
+def check_finite(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not torch.isfinite(t).all():
+            raise LkspecError(
+                "logits contain NaN or inf; check the features (dtype overflow?) and lower the learning rate"
+            )

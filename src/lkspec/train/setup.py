@@ -1,0 +1,172 @@
+"""Everything a training run needs before its first step, built in one place and in a fixed order.
+
+The order is the order of failure a user should see: the run directory's state (new, resume, or a
+clash), the data, the teacher, then the draft and the optimisation machinery. `Setup` is plain data;
+`train/loop.py` only reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from lkspec.data.features import FeatureStore
+from lkspec.drafts import Draft, build_draft, load_draft
+from lkspec.errors import LkspecError
+from lkspec.io import read_json
+from lkspec.targets import TargetIdentity, load_lm_head
+from lkspec.train.batching import DataPlan, DocSource, plan_data, survey
+from lkspec.train.checkpoint import state_dir
+from lkspec.train.config import CONFIG_YAML, TrainConfig, changed_keys, config_dict
+from lkspec.train.distributed import DistContext, shard_draft
+from lkspec.train.step import StepRunner, Teacher, head_modules
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+
+
+class TeacherHead(Teacher, Protocol):
+    """A target as training sees it (`Target` or the lighter `targets.LMHead`)."""
+
+    @property
+    def identity(self) -> TargetIdentity: ...
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig  # resolved (architecture defaults filled in)
+    ctx: DistContext
+    resume: bool  # a checkpoint exists and the run continues from it
+    store: DocSource
+    teacher: TeacherHead
+    plan: DataPlan
+    draft: Draft  # on the training device (sharded under fsdp)
+    export_draft: Draft  # CPU copy that full state dicts are saved from
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    runner: StepRunner
+    fsdp: bool
+
+    @property
+    def identity(self) -> TargetIdentity:
+        return self.teacher.identity
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.steps_per_epoch * self.cfg.epochs
+
+
+def check_run_dir(run: Path, cfg: TrainConfig, resume: bool, init_from: str | Path | None) -> bool:
+    """Whether there is a checkpoint to continue from (else this is a new run); one-line errors on clashes."""
+    if resume and init_from is not None:
+        raise LkspecError("--resume continues a run and --init-from starts a new one; pass only one of them")
+    if resume:
+        d = state_dir(run)
+        if d is None:
+            if (run / CONFIG_YAML).is_file():  # killed before its first checkpoint: start it over
+                log.info("%s has no checkpoint yet; starting it from step 0", run)
+                return False
+            raise LkspecError(f"{run} has no trainer_state/ to resume from; start a new run without --resume")
+        diffs = changed_keys(read_json(d / "state.json")["config"], config_dict(cfg))
+        if diffs:
+            raise LkspecError(
+                f"{run} was started with a different config ({'; '.join(diffs)}); resume with the original "
+                f"settings (in {run}/{CONFIG_YAML}) or start a new run directory"
+            )
+        return True
+    if state_dir(run) is not None or (run / "config.json").exists():
+        raise LkspecError(f"{run} already holds a training run; pass --resume to continue it or choose a new "
+                          f"output directory")
+    return False
+
+
+def open_store(cfg: TrainConfig) -> DocSource:
+    if not cfg.features:
+        raise LkspecError("no training features given; pass --features DIR (made by `lkspec data features`)")
+    return FeatureStore(cfg.features)
+
+
+def open_teacher(cfg: TrainConfig, store: DocSource, device: torch.device) -> TeacherHead:
+    spec = cfg.target or store.identity.name
+    try:
+        return load_lm_head(spec, device=device)
+    except LkspecError as exc:
+        if cfg.target:
+            raise
+        raise LkspecError(
+            f"the features were made for target {spec!r}, which cannot be opened by that name ({exc}); "
+            f"pass --target (its hub id, directory or .gguf)"
+        ) from None
+
+
+def new_draft(cfg: TrainConfig, identity: TargetIdentity, init_from: str | Path | None = None) -> Draft:
+    """The run's draft: seeded random init, or the weights of `init_from` (same options required)."""
+    d = cfg.draft
+    draft = build_draft(d.arch, seed=cfg.seed, hidden_size=identity.hidden_size, vocab_size=identity.vocab_size,
+                        **d.options())
+    if init_from is not None:
+        src = load_draft(init_from, target=identity)
+        if src.config != draft.config:
+            have = src.config.model_dump(exclude={"hidden_size", "vocab_size"})
+            raise LkspecError(
+                f"--init-from {init_from} holds a draft with {have}, which differs from this run's draft "
+                f"options; set draft.* to match it"
+            )
+        draft.load_state_dict(src.state_dict())
+    return draft
+
+
+def scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    o = cfg.optim
+    if o.schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, o.warmup_steps, max(1, total_steps))
+    return get_constant_schedule_with_warmup(optimizer, o.warmup_steps)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16}[cfg.precision]
+
+
+def build_setup(config: TrainConfig, run: Path, *, store: DocSource | None, teacher: TeacherHead | None,
+                resume: bool, init_from: str | Path | None) -> Setup:
+    cfg = config.resolved()
+    ctx = DistContext.from_env()
+    resume = check_run_dir(run, cfg, resume, init_from)
+    store = store if store is not None else open_store(cfg)
+    teacher = teacher if teacher is not None else open_teacher(cfg, store, ctx.device)
+    store.check_target(teacher.identity)
+    K = cfg.draft.num_heads
+    plan = plan_data(survey(store, K), num_heads=K, heldout_fraction=cfg.data.heldout_fraction,
+                     heldout_max_docs=cfg.data.heldout_max_docs, batch_size=cfg.data.batch_size,
+                     batch_tokens=cfg.data.batch_tokens, where=str(store.path))
+    dev = ctx.device
+    draft = new_draft(cfg, teacher.identity, init_from).to(dev)
+    export_draft = new_draft(cfg, teacher.identity)
+    ctx.broadcast_module(draft)
+    heads = head_modules(draft)
+    fsdp = ctx.active and cfg.parallel == "fsdp"
+    if fsdp:
+        shard_draft(draft, heads, ctx)
+    params = list(dict.fromkeys(draft.parameters()))
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    use_compile = cfg.compile if cfg.compile is not None else dev.type == "cuda"
+    trunk = torch.compile(draft.head_states, dynamic=True) if use_compile and not fsdp else draft.head_states
+    runner = StepRunner(
+        draft, teacher, heads, loss=cfg.loss.name, eta=cfg.eta, gamma=cfg.loss.gamma,
+        temperature=cfg.loss.temperature, impl=cfg.loss.impl, micro_batch_tokens=cfg.data.micro_batch_tokens,
+        ctx=ctx, device=dev, autocast_dtype=autocast_dtype(cfg, dev), trunk=trunk,
+        grad_scale=float(ctx.world) if fsdp else 1.0, lockstep=fsdp,
+    )
+    return Setup(cfg=cfg, ctx=ctx, resume=resume, store=store, teacher=teacher, plan=plan, draft=draft,
+                 export_draft=export_draft, params=params, optimizer=optimizer,
+                 scheduler=scheduler(cfg, optimizer, plan.steps_per_epoch * cfg.epochs), runner=runner, fsdp=fsdp)
