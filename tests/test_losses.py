@@ -202,3 +202,46 @@ def test_head_mask_alignment_and_documents() -> None:
     assert m2.tolist() == [[1, 1, 1, 1, 1, 0]]
     docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
     assert head_mask(loss_mask, 1, docs).tolist() == [[1, 1, 0, 0, 1, 1, 0]]
+
+
+# ------------------------------------------------------------------------------------------------
+# truncated draft vocabulary (paper §4.4)
+# ------------------------------------------------------------------------------------------------
+def _truncated(seed: int = 7, n: int = N, v: int = V, kept: int = 120) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(n, v, generator=g) * 3
+    keep = torch.randperm(v, generator=g)[:kept]
+    return torch.randn(n, kept, generator=g) * 2, full, keep
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_truncated_alpha_uses_the_original_p_and_kl_the_renormalised_one(temperature: float) -> None:
+    z, full, keep = _truncated()
+    lse = torch.logsumexp(full / temperature, -1)
+    kl, alpha = token_stats_reference(z, full[:, keep], temperature, lse)
+    q = (z / temperature).softmax(-1)
+    p = (full / temperature).softmax(-1)[:, keep]  # not renormalised: sums to p(S) < 1
+    torch.testing.assert_close(alpha, torch.minimum(p, q).sum(-1), rtol=1e-5, atol=1e-7)
+    p_tilde = p / p.sum(-1, keepdim=True)
+    torch.testing.assert_close(kl, (p_tilde * (p_tilde.log() - q.log())).sum(-1), rtol=1e-4, atol=1e-6)
+    assert (alpha <= p.sum(-1) + 1e-6).all()  # no draft can accept mass the map leaves out
+    # without the full normaliser the kept columns would be the whole distribution: alpha would be larger
+    assert (token_stats_reference(z, full[:, keep], temperature)[1] > alpha).all()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_truncated_chunked_equals_reference(name: str) -> None:
+    z, full, keep = _truncated(seed=11)
+    lse = torch.logsumexp(full / 0.8, -1)
+    out = {}
+    for impl in ("reference", "chunked"):
+        zz = z.clone().requires_grad_(True)
+        if impl == "chunked":
+            kl, alpha = token_stats_chunked(zz, full[:, keep], 0.8, chunk=32, target_lse=lse)
+        else:
+            kl, alpha = token_stats_reference(zz, full[:, keep], 0.8, lse)
+        loss = combine(name, kl, alpha, eta=3.0)
+        (grad,) = torch.autograd.grad(loss, zz)
+        out[impl] = (loss.detach(), grad)
+    torch.testing.assert_close(out["chunked"][0], out["reference"][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["chunked"][1], out["reference"][1], rtol=1e-4, atol=1e-7)

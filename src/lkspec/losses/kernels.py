@@ -9,6 +9,13 @@ Two implementations with the same values and draft gradients (tests/test_losses.
 
 The target logits are a teacher: they never receive a gradient. p and q are taken at the training
 temperature, in fp32.
+
+Truncated draft vocabulary (paper §4.4). A draft whose heads cover only a token subset S gets the target's
+logits restricted to S plus `target_lse`, the logsumexp of the target's *full* logits at the same
+temperature. Then alpha = sum_{v in S} min(p_v, q_v) with the original p (tokens outside S contribute
+min(p, 0) = 0), so alpha stays the exact acceptance rate; KL is taken against the renormalised
+p~ = p restricted to S / p(S) ("a proxy of a proxy"). Without `target_lse`, p over the given columns is
+the whole distribution and both coincide.
 """
 
 from __future__ import annotations
@@ -26,13 +33,16 @@ IMPLEMENTATIONS = ("chunked", "reference")
 # per-token statistics: the reference
 # ----------------------------------------------------------------------------------------------
 def token_stats_reference(
-    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0
+    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0,
+    target_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(p||q) and alpha = sum min(p, q) per row, by the definitions."""
+    """KL(p~||q) and alpha = sum min(p, q) per row, by the definitions (p~ = p unless `target_lse` is given)."""
     log_q = torch.log_softmax(draft_logits.float() / temperature, dim=-1)
-    log_p = torch.log_softmax(target_logits.detach().float() / temperature, dim=-1)
-    p, q = log_p.exp(), log_q.exp()
-    kl = (p * (log_p - log_q)).sum(-1)
+    zp = target_logits.detach().float() / temperature
+    log_pt = torch.log_softmax(zp, dim=-1)
+    p_t, q = log_pt.exp(), log_q.exp()
+    kl = (p_t * (log_pt - log_q)).sum(-1)
+    p = p_t if target_lse is None else (zp - target_lse.detach().float()[:, None]).exp()
     alpha = torch.minimum(p, q).sum(-1)
     return kl, alpha
 
@@ -65,19 +75,22 @@ def _logsumexp_chunked(x: torch.Tensor, inv_t: float, chunk: int) -> torch.Tenso
 class _ChunkedKLAlpha(torch.autograd.Function):
     """(KL_t, alpha_t) for rows of logits, saving no [N, V] intermediate for backward.
 
-    With q = softmax(z/T), p = softmax(zp/T), s_v = 1[q_v < p_v] and S = sum_v s_v q_v:
-        dKL_t/dz    = (q - p) / T
+    With q = softmax(z/T), p~ = softmax(zp/T) (KL's teacher), p = exp(zp/T - lse_a) (alpha's: p~ itself
+    unless a full-vocabulary logsumexp lse_a is given), s_v = 1[q_v < p_v] and S = sum_v s_v q_v:
+        dKL_t/dz    = (q - p~) / T
         dalpha_t/dz = q * (s - S) / T
-    Forward saves the two logsumexps and S (three [N] vectors); backward recomputes p and q per
-    chunk. (At exact ties q_v = p_v > 0, torch.minimum splits the gradient in half; this takes the
-    subgradient 0. Ties have measure zero and the tests check agreement on random logits.)
+    Forward saves three logsumexps and S ([N] vectors); backward recomputes p, p~ and q per chunk. (At
+    exact ties q_v = p_v > 0, torch.minimum splits the gradient in half; this takes the subgradient 0.
+    Ties have measure zero and the tests check agreement on random logits.)
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, zp: torch.Tensor, temperature: float, chunk: int):  # type: ignore[override]
+    def forward(ctx, z: torch.Tensor, zp: torch.Tensor, temperature: float, chunk: int,  # type: ignore[override]
+                target_lse: torch.Tensor | None):
         inv_t = 1.0 / temperature
         lse_q = _logsumexp_chunked(z, inv_t, chunk)
         lse_p = _logsumexp_chunked(zp, inv_t, chunk)
+        lse_a = lse_p if target_lse is None else target_lse.detach().float()
         n = z.shape[0]
         kl = torch.zeros(n, device=z.device, dtype=torch.float32)
         alpha = torch.zeros_like(kl)
@@ -85,49 +98,54 @@ class _ChunkedKLAlpha(torch.autograd.Function):
         for i in range(0, z.shape[1], chunk):
             log_q = _scaled_log_probs(z[:, i : i + chunk], inv_t, lse_q)
             log_p = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_p)
-            q, p = log_q.exp(), log_p.exp()
+            q = log_q.exp()
+            p = log_p.exp() if target_lse is None else _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_a).exp()
             kl += torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
             below = q < p
             alpha += torch.where(below, q, p).sum(-1)
             s_mass += torch.where(below, q, 0.0).sum(-1)
-        ctx.save_for_backward(z, zp, lse_q, lse_p, s_mass)
-        ctx.inv_t, ctx.chunk = inv_t, chunk
+        ctx.save_for_backward(z, zp, lse_q, lse_p, lse_a, s_mass)
+        ctx.inv_t, ctx.chunk, ctx.truncated = inv_t, chunk, target_lse is not None
         return kl, alpha
 
     @staticmethod
     def backward(ctx, g_kl: torch.Tensor | None, g_alpha: torch.Tensor | None):  # type: ignore[override]
-        z, zp, lse_q, lse_p, s_mass = ctx.saved_tensors
+        z, zp, lse_q, lse_p, lse_a, s_mass = ctx.saved_tensors
         inv_t, chunk = ctx.inv_t, ctx.chunk
         zeros = torch.zeros_like(lse_q)
         gk = (zeros if g_kl is None else g_kl.float()) * inv_t
         ga = (zeros if g_alpha is None else g_alpha.float()) * inv_t
-        # grad = q * (gk + ga * (s - S)) - gk * p, where the bracket takes one of two values per row
+        # grad = q * (gk + ga * (s - S)) - gk * p~, where the bracket takes one of two values per row
         coef_below = (gk + ga * (1.0 - s_mass))[:, None]
         coef_above = (gk - ga * s_mass)[:, None]
         neg_gk = -gk[:, None]
         grad = torch.empty_like(z)
         for i in range(0, z.shape[1], chunk):
             q = _scaled_log_probs(z[:, i : i + chunk], inv_t, lse_q).exp_()
-            p = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_p).exp_()
+            p_kl = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_p).exp_()
+            p = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_a).exp_() if ctx.truncated else p_kl
             g = torch.where(q < p, coef_below, coef_above).mul_(q)
-            grad[:, i : i + chunk] = torch.addcmul(g, p, neg_gk)
-        return grad, None, None, None
+            grad[:, i : i + chunk] = torch.addcmul(g, p_kl, neg_gk)
+        return grad, None, None, None, None
 
 
 def token_stats_chunked(
-    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0, chunk: int | None = None
+    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0, chunk: int | None = None,
+    target_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same values and draft gradients as `token_stats_reference`, in O(N) saved memory."""
     n, v = draft_logits.shape
     chunk = chunk or _chunk_size(n, v)
-    kl, alpha = _ChunkedKLAlpha.apply(draft_logits, target_logits.detach(), temperature, chunk)
+    kl, alpha = _ChunkedKLAlpha.apply(draft_logits, target_logits.detach(), temperature, chunk, target_lse)
     return kl, alpha
 
 
 def token_stats(
-    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0, impl: str = "chunked"
+    draft_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float = 1.0, impl: str = "chunked",
+    target_lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (KL_t, alpha_t) of [N, V] draft and target logits at `temperature`."""
+    """Per-row (KL_t, alpha_t) of [N, V] draft and target logits at `temperature` (see the module docstring
+    for `target_lse`, the full-vocabulary normaliser of a truncated draft vocabulary)."""
     if temperature <= 0 or not math.isfinite(temperature):
         raise LkspecError(f"training temperature must be > 0, got {temperature}")
     if draft_logits.shape != target_logits.shape or draft_logits.dim() != 2:
@@ -135,10 +153,12 @@ def token_stats(
             f"draft logits {tuple(draft_logits.shape)} and target logits {tuple(target_logits.shape)} must both be "
             f"[N, V]; the draft's vocab must equal the target's"
         )
+    if target_lse is not None and target_lse.shape != draft_logits.shape[:1]:
+        raise LkspecError(f"target_lse {tuple(target_lse.shape)} must be [N] = [{draft_logits.shape[0]}]")
     if impl == "chunked":
-        return token_stats_chunked(draft_logits, target_logits, temperature)
+        return token_stats_chunked(draft_logits, target_logits, temperature, target_lse=target_lse)
     if impl == "reference":
-        return token_stats_reference(draft_logits, target_logits, temperature)
+        return token_stats_reference(draft_logits, target_logits, temperature, target_lse)
     raise LkspecError(f"unknown loss implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
 
 
