@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from lkspec.config import StrictModel, parse
+from lkspec.data import DEFAULT_SHARD_TOKENS
 from lkspec.data.prompts import PromptConfig
 from lkspec.data.regenerate import RegenConfig
 from lkspec.errors import LkspecError
@@ -34,7 +35,7 @@ ARCH_SHORT = {"mlp_speculator": "mlp", "medusa": "medusa"}
 class FeatureOptions(StrictModel):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     batch_size: int = Field(8, ge=1, description="documents per teacher-forced forward pass")
-    shard_tokens: int = Field(32768, ge=1)
+    shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="token budget")
     online: bool = Field(False, description="compute hidden states on the fly instead of caching them on disk")
 
