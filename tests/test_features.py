@@ -26,6 +26,7 @@ from lkspec.data.prompts import load_prompts
 from lkspec.data.regenerate import META, RegenConfig, load_tokens, read_meta, regenerate
 from lkspec.errors import LkspecError
 from lkspec.targets import Target
+from lkspec.train.batching import survey
 
 SMALL = {"batch_size": 3, "shard_tokens": 150}  # several shards from a handful of short documents
 
@@ -204,6 +205,25 @@ def test_online_mode_yields_the_same_docs(tiny_target: Target, tokens: Path, tmp
         open_features(tokens)
     with pytest.raises(LkspecError, match="neither a feature directory"):
         open_features(tmp_path)
+
+
+def test_doc_masks_need_no_hidden_states(tiny_target: Target, tokens: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sources list (row, loss_mask) in iter_docs order without loading or computing a hidden state."""
+    store = extract_features(tiny_target, tokens, tmp_path / "f", dtype="float32", progress=False, **SMALL)
+    online = OnlineFeatures(tiny_target, tokens, dtype="float32", **SMALL)
+    want = [(d.row, d.loss_mask) for d in store.iter_docs()]
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("iter_doc_masks ran the target")
+
+    monkeypatch.setattr(FeatureStore, "load_shard", no_forward)
+    monkeypatch.setattr(type(tiny_target), "hidden_states", no_forward)
+    for source in (store, online):
+        got = list(source.iter_doc_masks())
+        assert [r for r, _ in got] == [r for r, _ in want]
+        assert all(m.dtype == torch.bool and torch.equal(m, w) for (_, m), (_, w) in zip(got, want, strict=True))
+    assert survey(online, 3) == survey(store, 3)
 
 
 def test_refuses_other_targets_and_unfinished_data(tiny_target: Target, tokens: Path, tmp_path: Path) -> None:

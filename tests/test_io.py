@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
 import pytest
 
-from lkspec.io import atomic_dir, atomic_path, read_json, write_json
+from lkspec.errors import LkspecError
+from lkspec.io import atomic_dir, atomic_path, disk_full_is_one_line, read_json, write_error, write_json
 
 
 def test_atomic_file_permissions_and_failure(tmp_path) -> None:
@@ -36,3 +38,18 @@ def test_atomic_dir_refuses_existing_unless_overwrite(tmp_path) -> None:
     with atomic_dir(tmp_path / "d", overwrite=True) as d:
         (d / "v").write_text("3")
     assert (tmp_path / "d" / "v").read_text() == "3"
+
+
+def test_full_disk_is_one_line_and_other_errors_pass() -> None:
+    with pytest.raises(LkspecError) as err, disk_full_is_one_line("writing part 3 to out", "parts 0-2 are kept"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(err.value) == ("disk full while writing part 3 to out: parts 0-2 are kept; free space and rerun the "
+                              "same command to resume")
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    with pytest.raises(LkspecError, match="disk full while"), disk_full_is_one_line("x", "y"):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    with pytest.raises(PermissionError), disk_full_is_one_line("x", "y"):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    other = write_error(OSError(errno.EIO, "I/O error"), "saving the draft", then="rerun with --resume")
+    assert str(other) == ("writing failed ([Errno 5] I/O error) while saving the draft; free space and rerun "
+                          "with --resume")

@@ -39,6 +39,19 @@ def test_stream_decoder_stops_at_truncation(tmp_path: Path) -> None:
     assert [(r.id, r.messages[0]["content"]) for r in ps.records] == [(f"c{i}", f"question {i} ü") for i in range(3)]
 
 
+def test_stream_decoder_equals_json_loads_past_odd_bytes(tmp_path: Path) -> None:
+    """Invalid UTF-8 and integers beyond 64 bits do not end the stream; a number cut by the end is dropped."""
+    (tmp_path / "odd.json").write_bytes(b'["a\xffb", 123456789012345678901234567890, 2.5, {"x": [0.1]}, '
+                                        b'"\xc3\xa9", 3.1')
+    want = ["a\ufffdb", 123456789012345678901234567890, 2.5, {"x": [0.1]}, "\u00e9"]
+    for chunk in (1, 5, 1 << 20):
+        got = list(iter_json_array(tmp_path / "odd.json", chunk))
+        assert got == want and [type(v) for v in got] == [type(v) for v in want]
+    (tmp_path / "obj.json").write_text('  {"a": 1}')
+    with pytest.raises(LkspecError, match="does not start with a JSON array"):
+        list(iter_json_array(tmp_path / "obj.json"))
+
+
 def test_bundled_sharegpt_is_truncated_and_streams() -> None:
     path = sharegpt_path()
     with open(path, "rb") as f:

@@ -1,12 +1,14 @@
 """Atomic file writes: a crash or a full disk never leaves a half-written file under its final name.
 
 Everything is written to a temporary sibling first and moved into place with `os.replace`, which is
-atomic on POSIX within one filesystem. Readers therefore see either the old file or the new one.
+atomic on POSIX within one filesystem. Readers therefore see either the old file or the new one, so a
+write that fails can always be reported as one line saying what survived (`write_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +20,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lkspec.errors import LkspecError
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+RERUN = "rerun the same command to resume"
 
 
 def _umask() -> int:
@@ -100,3 +107,24 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_error(exc: OSError, doing: str, *, then: str = RERUN, full: str = "disk full") -> LkspecError:
+    """The one-line error for a failed write: `doing` says what was written and what survived it.
+
+    Every writer here is atomic, so earlier output is intact and the honest advice is always "free space
+    and rerun"; a traceback from deep inside safetensors or Arrow would hide that.
+    """
+    reason = full if exc.errno in DISK_FULL else f"writing failed ({exc})"
+    return LkspecError(f"{reason} while {doing}; free space and {then}")
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(doing: str, kept: str, *, then: str = RERUN) -> Iterator[None]:
+    """A full disk inside the block becomes `write_error`; every other OSError is a bug to see in full."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise write_error(exc, f"{doing}: {kept}", then=then) from None

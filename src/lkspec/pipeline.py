@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from lkspec.config import StrictModel, changed_keys, flatten, layered, parse
+from lkspec.data import DEFAULT_SHARD_TOKENS
 from lkspec.data.features import FeatureStore, OnlineFeatures
 from lkspec.data.pipeline import run_all
 from lkspec.data.prompts import PromptConfig, load_prompts, write_prompts_jsonl
@@ -42,7 +43,7 @@ ARCH_SHORT = {"mlp_speculator": "mlp", "medusa": "medusa"}
 class FeatureOptions(StrictModel):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     batch_size: int = Field(8, ge=1, description="documents per teacher-forced forward pass")
-    shard_tokens: int = Field(32768, ge=1)
+    shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="token budget")
     online: bool = Field(False, description="compute hidden states on the fly instead of caching them on disk")
 

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from lkspec.data import DEFAULT_SHARD_TOKENS
+
 data_app = typer.Typer(
     help="Build training data: prompts, target-regenerated responses (tokens dataset), hidden-state features.",
     no_args_is_help=True,
@@ -158,7 +160,8 @@ def features_cmd(
                                          "regenerate`).")],
     out: Annotated[Path, typer.Option("--out", help="Output feature directory (rerun to resume).")],
     target: Target = "smollm2-135m-instruct", device: Device = None, dtype: FeatDtype = "bfloat16",
-    batch_size: FeatBatch = 8, shard_tokens: ShardTokens = 32768, max_tokens: MaxTokens = None, quiet: Quiet = False,
+    batch_size: FeatBatch = 8, shard_tokens: ShardTokens = DEFAULT_SHARD_TOKENS, max_tokens: MaxTokens = None,
+    quiet: Quiet = False,
 ) -> None:
     """Teacher-forced target pass over a tokens dataset -> post-norm hidden states in safetensors shards."""
     from lkspec.data.features import extract_features
@@ -180,7 +183,7 @@ def all_cmd(
     ignore_responses: IgnoreResponses = False, strict: Strict = False, no_dedupe: NoDedupe = False,
     min_chars: MinChars = 1, max_chars: MaxChars = None, no_shuffle: NoShuffle = False, seed: Seed = 0,
     limit: Limit = None,
-    dtype: FeatDtype = "bfloat16", batch_size: FeatBatch = 8, shard_tokens: ShardTokens = 32768,
+    dtype: FeatDtype = "bfloat16", batch_size: FeatBatch = 8, shard_tokens: ShardTokens = DEFAULT_SHARD_TOKENS,
     max_tokens: MaxTokens = None, quiet: Quiet = False,
 ) -> None:
     """prompts -> regenerate -> features in one go; each stage is skipped when already complete."""

@@ -12,44 +12,52 @@ rerun with the same settings skips the parts on disk and computes exactly the ba
 the final dataset (rows in prompt order) equals that of an uninterrupted run, with no row duplicated or
 lost. A directory made for another target or other settings is refused, naming what differs.
 
-Backends: `hf` (default) is batched `generate` with left padding; `vllm` is used for big targets on GPUs
-when vLLM is installed; a prompt set that already holds the target's responses (e.g.
-`nebius/Llama-3.1-8B-Instruct-Infinity-Instruct-0625`) is tokenized directly ("given").
+Backends (`lkspec.data.backends`, whose names are importable from here too): `hf` (default) is batched
+`generate` with left padding; `vllm` is used for big targets on GPUs when vLLM is installed; a prompt set
+that already holds the target's responses (e.g. `nebius/Llama-3.1-8B-Instruct-Infinity-Instruct-0625`)
+is tokenized directly ("given").
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import errno
-import hashlib
-import importlib.util
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
 from lkspec import __version__
 from lkspec.config import StrictModel
+from lkspec.data.backends import (
+    VLLM_INSTALL,
+    Generated,
+    VllmBackend,
+    cut_at_eos,
+    derive_seed,
+    given_response,
+    hf_generate,
+)
 from lkspec.data.prompts import PromptRecord, PromptSet, fingerprint
 from lkspec.errors import LkspecError
-from lkspec.io import atomic_path, read_json, write_json
+from lkspec.io import atomic_path, disk_full_is_one_line, read_json, write_json
 from lkspec.targets import Target, TargetIdentity
+
+__all__ = [
+    "FORMAT", "META", "PARTS", "RESUME_KEYS", "VLLM_INSTALL", "Generated", "RegenConfig", "VllmBackend", "cut_at_eos",
+    "derive_seed", "given_response", "hf_generate", "load_tokens", "prompt_limit", "read_meta", "regenerate",
+    "resolve_sampling",
+]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "lkspec-tokens/1"
 META = "lkspec-data.json"
 PARTS = "parts"
-VLLM_INSTALL = "vLLM is not installed: `pip install vllm` on a GPU machine, or use --backend hf"
 # Settings that decide the dataset's content: resuming with any of them changed is refused.
 RESUME_KEYS = ("backend", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "batch_size",
                "max_prompt_tokens", "prompts_fingerprint", "num_prompts")
@@ -66,17 +74,6 @@ class RegenConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     seed: int = 0
     max_prompt_tokens: int = Field(2048, ge=1)
-
-
-@dataclass
-class Generated:
-    response: list[int]  # ends with an EOS token unless the limit was hit
-    finish_reason: str  # "eos" | "length"
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """Independent, reproducible seed per (run seed, batch): resumed batches sample what they would have."""
-    return int.from_bytes(hashlib.sha256(f"lkspec:{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
 def resolve_sampling(target: Target, cfg: RegenConfig) -> dict[str, Any]:
@@ -99,95 +96,6 @@ def prompt_limit(target: Target, cfg: RegenConfig) -> int:
     if isinstance(context, int) and context > cfg.max_new_tokens:
         limit = min(limit, context - cfg.max_new_tokens)
     return limit
-
-
-def cut_at_eos(tokens: list[int], eos: set[int], limit: int) -> Generated:
-    """Keep tokens up to and including the first EOS; drop what follows (padding)."""
-    for i, tok in enumerate(tokens[:limit]):
-        if tok in eos:
-            return Generated(tokens[: i + 1], "eos")
-    return Generated(tokens[:limit], "length")
-
-
-# ---------------------------------------------------------------------------------------------- backends
-
-
-def hf_generate(target: Target, prompts: list[list[int]], sampling: dict[str, Any], max_new_tokens: int,
-                seed: int) -> list[Generated]:
-    """One left-padded batch through HF `generate`, sampling from a private RNG stream seeded by `seed`."""
-    from transformers import GenerationConfig
-
-    pad = target.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    base = getattr(target.model, "generation_config", None)
-    gc = copy.deepcopy(base) if base is not None else GenerationConfig()
-    greedy = sampling["temperature"] == 0
-    gc.update(
-        do_sample=not greedy, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens, max_length=None,
-        min_new_tokens=None, min_length=0, eos_token_id=list(target.eos_token_ids), pad_token_id=pad,
-        temperature=None if greedy else sampling["temperature"], top_k=None if greedy else sampling["top_k"],
-        top_p=None if greedy else sampling["top_p"], return_dict_in_generate=False,
-    )
-    devices = [target.device] if target.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
-        out = target.model.generate(input_ids=ids.to(target.device), attention_mask=mask.to(target.device),
-                                    generation_config=gc)
-    eos = set(target.eos_token_ids)
-    return [cut_at_eos(row, eos, max_new_tokens) for row in out[:, width:].tolist()]
-
-
-class VllmBackend:
-    """vLLM with one seed per request (derived from the batch seed), so results do not depend on batching."""
-
-    def __init__(self, target: Target) -> None:
-        if importlib.util.find_spec("vllm") is None:
-            raise LkspecError(VLLM_INSTALL)
-        import vllm
-
-        source = getattr(target.model, "name_or_path", None) or target.name
-        self.vllm = vllm
-        self.llm = vllm.LLM(model=str(source), tokenizer=str(source))
-        self.eos = list(target.eos_token_ids)
-
-    def __call__(self, target: Target, prompts: list[list[int]], sampling: dict[str, Any], max_new_tokens: int,
-                 seed: int) -> list[Generated]:
-        params = [
-            self.vllm.SamplingParams(
-                n=1, temperature=sampling["temperature"], top_k=sampling["top_k"] or -1, top_p=sampling["top_p"],
-                max_tokens=max_new_tokens, seed=derive_seed(seed, i), stop_token_ids=self.eos, detokenize=False,
-            )
-            for i in range(len(prompts))
-        ]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        eos = set(self.eos)
-        result = []
-        for o in outs:
-            toks = list(o.outputs[0].token_ids)
-            if o.outputs[0].finish_reason == "stop" and (not toks or toks[-1] not in eos):
-                reason = o.outputs[0].stop_reason
-                toks.append(reason if isinstance(reason, int) else self.eos[0])  # the response keeps its EOS
-            result.append(cut_at_eos(toks, eos, max_new_tokens))
-        return result
-
-
-def given_response(target: Target, rec: PromptRecord, prompt: list[int], max_new_tokens: int) -> Generated:
-    """Tokens of a response the target already wrote, as the chat template places them (with its end token)."""
-    assert rec.response is not None
-    eos = set(target.eos_token_ids)
-    full = target.render_chat([*rec.messages, {"role": "assistant", "content": rec.response}],
-                              add_generation_prompt=False)
-    if full[: len(prompt)] == prompt and any(t in eos for t in full[len(prompt):]):
-        tokens = full[len(prompt):]
-    else:  # a template that rewrites earlier turns: tokenize the text and close it with the EOS token
-        end = target.tokenizer.eos_token_id if target.tokenizer.eos_token_id in eos else target.eos_token_ids[0]
-        tokens = [*target.tokenizer(rec.response, add_special_tokens=False)["input_ids"], end]
-    return cut_at_eos(tokens, eos, max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- dataset io
@@ -251,16 +159,6 @@ def _check_resume(out: Path, meta: dict[str, Any], identity: TargetIdentity, set
             f"{out} was made with other settings ({'; '.join(diffs)}); rerun with the same settings to resume, "
             f"or choose a new output directory"
         )
-
-
-@contextlib.contextmanager
-def _disk_full_is_one_line(doing: str, kept: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        raise LkspecError(f"disk full while {doing}: {kept}; free space and rerun the same command to resume") from None
 
 
 def _finalize(out: Path, parts: list[Path], meta: dict[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -387,7 +285,7 @@ def regenerate(
         else:
             results = generate(target, [prompt_ids[i] for i in idx], sampling, cfg.max_new_tokens,
                                derive_seed(cfg.seed, b))
-        with _disk_full_is_one_line(f"writing batch {b} to {parts_dir}", "the finished batches are kept"):
+        with disk_full_is_one_line(f"writing batch {b} to {parts_dir}", "the finished batches are kept"):
             _write_part(parts_dir / _part_name(b), {
                 "index": idx,
                 "prompt_id": [records[i].id for i in idx],
@@ -403,7 +301,7 @@ def regenerate(
         if on_batch_done is not None:
             on_batch_done(b)
     bar.close()
-    with _disk_full_is_one_line(f"saving the dataset to {out}", "all batches are kept in parts/"):
+    with disk_full_is_one_line(f"saving the dataset to {out}", "all batches are kept in parts/"):
         meta = _finalize(out, [parts_dir / _part_name(b) for b in range(len(batches))], meta, progress)
     c = meta["counts"]
     log.info("tokens dataset %s: %d rows, %d response tokens (%d ended at EOS, %d at the limit)", out, c["rows"],

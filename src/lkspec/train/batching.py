@@ -16,28 +16,13 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from lkspec.alignment import head_mask
-from lkspec.data.features import Doc, FeatureStore
+from lkspec.data.source import Doc, DocSource
 from lkspec.errors import LkspecError
-from lkspec.targets import TargetIdentity
-
-
-class DocSource(Protocol):
-    """What the trainer reads: a FeatureStore, or the online mode with the same interface."""
-
-    @property
-    def identity(self) -> TargetIdentity: ...
-
-    @property
-    def num_docs(self) -> int: ...
-
-    def check_target(self, identity: TargetIdentity) -> None: ...
-
-    def iter_docs(self, *, seed: int | None = None, shard_ids: list[int] | None = None) -> Iterator[Doc]: ...
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,27 +44,10 @@ class DocInfo:
 def survey(store: DocSource, num_heads: int) -> list[DocInfo]:
     """Row, length and per-head valid anchors of every document.
 
-    For a FeatureStore this reads only `rows`, `doc_offsets` and `loss_mask` of each shard (safetensors
-    loads tensors lazily), not the hidden states. Other sources may offer `iter_doc_masks()` yielding
-    (row, loss_mask); otherwise one pass over `iter_docs()` is made.
+    Planning needs only the loss masks, so this reads `iter_doc_masks()`: no hidden state is loaded from
+    disk or computed by a target.
     """
-    out: list[DocInfo] = []
-    if isinstance(store, FeatureStore):
-        from safetensors import safe_open
-
-        for info in store.shards:
-            with safe_open(str(store.path / info["file"]), framework="pt") as f:
-                rows, off, mask = f.get_tensor("rows"), f.get_tensor("doc_offsets"), f.get_tensor("loss_mask")
-            o = off.tolist()
-            for d in range(len(o) - 1):
-                m = mask[o[d] : o[d + 1]]
-                out.append(DocInfo(int(rows[d]), int(m.numel()), head_counts(m, num_heads)))
-        return out
-    masks = getattr(store, "iter_doc_masks", None)
-    pairs = masks() if callable(masks) else ((d.row, d.loss_mask) for d in store.iter_docs(seed=None))
-    for row, m in pairs:
-        out.append(DocInfo(int(row), int(m.numel()), head_counts(m, num_heads)))
-    return out
+    return [DocInfo(int(row), int(m.numel()), head_counts(m, num_heads)) for row, m in store.iter_doc_masks()]
 
 
 def row_hash(row: int) -> int:

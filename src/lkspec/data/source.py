@@ -1,0 +1,139 @@
+"""What the trainer reads documents from: one protocol for the on-disk store and the online mode.
+
+The trainer never asks where hidden states come from. A `FeatureStore` reads them from shards on disk,
+`OnlineFeatures` computes them from a tokens dataset as they are read; both satisfy `DocSource`, and both
+can say what each document trains on (`iter_doc_masks`) without producing a single hidden state, which
+is all that planning an epoch needs. `ShardedDocs` holds what the two share: a shard list and the counts
+and identity derived from it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lkspec.errors import LkspecError
+from lkspec.targets import TargetIdentity
+
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Doc:
+    """One training document: tokens, which of them are trained on, and the target states along it."""
+
+    row: int
+    input_ids: torch.Tensor  # [L] int64
+    loss_mask: torch.Tensor  # [L] bool
+    hidden: torch.Tensor  # [L, H] storage dtype
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    try:
+        return STORAGE_DTYPES[name]
+    except KeyError:
+        raise LkspecError(f"unknown feature dtype {name!r}; choose one of {', '.join(STORAGE_DTYPES)}") from None
+
+
+class DocSource(Protocol):
+    """Everything the trainer and the pipeline read from their training documents."""
+
+    path: Path  # the feature directory or tokens dataset, named in messages and recorded with the draft
+    index: dict[str, Any]  # format, target identity, dtype, hidden size, meta and the shard list
+
+    @property
+    def identity(self) -> TargetIdentity: ...
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the documents were made from (tokens dataset, settings); the trainer records it."""
+        ...
+
+    @property
+    def num_docs(self) -> int: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_loss_tokens(self) -> int: ...
+
+    def check_target(self, identity: TargetIdentity) -> None:
+        """Raise a one-line error unless the documents were made for this target."""
+        ...
+
+    def iter_docs(self, *, seed: int | None = None, shard_ids: list[int] | None = None) -> Iterator[Doc]:
+        """Documents shard by shard; with `seed`, shards and documents within a shard are shuffled."""
+        ...
+
+    def iter_doc_masks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(row, loss_mask) of every document in `iter_docs(seed=None)` order, without hidden states."""
+        ...
+
+
+class ShardedDocs:
+    """The index-derived half of a `DocSource`; subclasses set `path` and `index` and load shards."""
+
+    index: dict[str, Any]
+    path: Path
+
+    @property
+    def identity(self) -> TargetIdentity:
+        return TargetIdentity.model_validate(self.index["target"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.index["hidden_size"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return storage_dtype(self.index["dtype"])
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.index.get("meta", {}))
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.index["shards"])
+
+    @property
+    def num_docs(self) -> int:
+        return sum(int(s["num_docs"]) for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(s["num_tokens"]) for s in self.shards)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(int(s.get("num_loss_tokens", 0)) for s in self.shards)
+
+    def check_target(self, identity: TargetIdentity) -> None:
+        identity.check(self.identity, what=f"features in {self.path}")
+
+    def load_shard(self, i: int) -> list[Doc]:
+        raise NotImplementedError
+
+    def iter_doc_masks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        raise NotImplementedError
+
+    def iter_docs(self, *, seed: int | None = None, shard_ids: list[int] | None = None) -> Iterator[Doc]:
+        """Documents shard by shard; with `seed`, shards and documents within a shard are shuffled."""
+        order = list(range(len(self.shards))) if shard_ids is None else list(shard_ids)
+        rng = random.Random(seed)
+        if seed is not None:
+            rng.shuffle(order)
+        for i in order:
+            docs = self.load_shard(i)
+            if seed is not None:
+                rng.shuffle(docs)
+            yield from docs

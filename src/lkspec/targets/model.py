@@ -1,0 +1,219 @@
+"""A loaded target and its identity: the handful of operations every later stage needs from the LLM.
+
+Drafts learn the target's **post-norm** final hidden state (the vector the lm_head turns into next-token
+logits) and logits recomputed from such states, through its tokenizer and chat template. The identity
+record travels with every artefact made from a target, so that features, drafts and evaluation results
+made for one target are never silently used with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from lkspec.errors import LkspecError
+from lkspec.targets.resolve import EMBEDDED_NAME, resolve_target
+
+
+class TargetIdentity(BaseModel):
+    """What later stages record and compare: drafts and features are only valid for this target."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    tokenizer_hash: str
+
+    def check(self, other: TargetIdentity | dict[str, Any], what: str) -> None:
+        """Raise a one-line error if `other` (the identity stored with `what`) is not this target."""
+        other = other if isinstance(other, TargetIdentity) else TargetIdentity.model_validate(other)
+        diffs = [
+            f"{field} {getattr(other, field)!r} != {getattr(self, field)!r}"
+            for field in ("vocab_size", "hidden_size", "tokenizer_hash")
+            if getattr(other, field) != getattr(self, field)
+        ]
+        if diffs:
+            raise LkspecError(
+                f"{what} was made for target {other.name!r}, not {self.name!r} ({'; '.join(diffs)}); "
+                f"rebuild it with --target {self.name} or pass the target it was made for"
+            )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are ~6x slower there), bf16 on accelerators."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def tokenizer_hash(tok: Any) -> str:
+    """sha256 over the vocabulary, the special tokens and the chat template."""
+    payload = {
+        "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "chat_template": tok.chat_template or "",
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def project_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Any) -> torch.Tensor:
+    """lm_head(hidden) in fp32, plus the output transforms some families apply after it (Granite's
+    logits_scaling, Cohere's logit_scale, Gemma's final softcapping), so the result equals the model's."""
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "logit_scale", None) and cfg.model_type.startswith("cohere"):
+        logits = logits * cfg.logit_scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@dataclass
+class Target:
+    """A loaded, frozen target with the handful of operations the pipeline needs."""
+
+    name: str
+    model: Any  # transformers PreTrainedModel (causal LM)
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.lm_head.weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm_head.weight.shape[0])
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        return self.model.get_output_embeddings()
+
+    @cached_property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a response: the tokenizer's EOS plus the generation config's list."""
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        if not ids:
+            raise LkspecError(f"target {self.name!r} defines no EOS token; set eos_token_id in its config")
+        return sorted(ids)
+
+    @cached_property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self.eos_token_ids[0]
+
+    @cached_property
+    def tokenizer_hash(self) -> str:
+        return tokenizer_hash(self.tokenizer)
+
+    @property
+    def identity(self) -> TargetIdentity:
+        return TargetIdentity(
+            name=self.name,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            tokenizer_hash=self.tokenizer_hash,
+        )
+
+    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` through the target's chat template (no extra BOS added)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LkspecError(
+                f"target {self.name!r} has no chat template; use an instruction-tuned model or set one"
+            )
+        text = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Post-norm final hidden states [B, T, H]: exactly what the lm_head consumes.
+
+        The decoder's `last_hidden_state` already has the final norm applied in every HF causal LM, and
+        calling the decoder alone skips the vocabulary projection (a fifth of SmolLM2's cost).
+        """
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Target logits from cached hidden states through the frozen lm_head, in fp32.
+
+        Applies the output transforms some families put after the lm_head (Granite's logits_scaling,
+        Cohere's logit_scale, Gemma's final softcapping) so the result equals the model's own logits.
+        """
+        return project_hidden(hidden, self.lm_head.weight, getattr(self.lm_head, "bias", None), self.model.config)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's own forward logits (fp32), for checks against `logits_from_hidden`."""
+        out = self.model(input_ids=input_ids.to(self.device),
+                         attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                         use_cache=False)
+        return out.logits.float()
+
+
+def resolve_placement(spec: str | os.PathLike[str], device: str | torch.device | None,
+                      dtype: torch.dtype | str | None) -> tuple[str, Path | str, torch.device, torch.dtype]:
+    """(name, source, device, dtype): fp32 on CPU, bf16 on GPU unless given."""
+    name, source = resolve_target(spec)
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return name, source, dev, dtype or default_dtype(dev)
+
+
+def load_target(
+    spec: str | os.PathLike[str] = EMBEDDED_NAME,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Target:
+    """Load a frozen target in eval mode. fp32 on CPU, bf16 on GPU unless `dtype` says otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, source, dev, dt = resolve_placement(spec, device, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LkspecError(
+            f"could not load target {name!r} ({first}); check the id or path, or download it first "
+            f"when this machine has no hub access"
+        ) from exc
+    model.to(dev).eval().requires_grad_(False)
+    return Target(name=name, model=model, tokenizer=tokenizer)
