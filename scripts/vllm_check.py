@@ -32,8 +32,8 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 import torch
 
 from lkspec.drafts import build_draft, load_draft
+from lkspec.drafts.vllm_names import tied_source
 from lkspec.export import export_draft
-from lkspec.export.vllm_rules import tied_source
 from lkspec.targets import TargetIdentity
 
 # (label, arch, draft config, export dtype, exported heads)

@@ -1,7 +1,12 @@
-"""Draft architectures: a registry with one file per architecture.
+"""Draft architectures: a registry with one file per architecture, and reading them back in any layout.
 
     from lkspec.drafts import build_draft, load_draft
     draft = build_draft("mlp_speculator", hidden_size=576, vocab_size=49152, inner_dim=256, seed=0)
+
+Modules, lowest first: `base` (the alignment contract, `propose`, `save`, the registry), `vllm_names`
+(vLLM 0.32's names for draft files), `medusa` / `mlp_speculator` (one architecture each), `checkpoint`
+(`read_checkpoint` / `load_draft`: lkspec, lkspec-export, vLLM, fms and FasterDecoding layouts). This
+package imports nothing from the stages above it (train, evaluate, export).
 """
 
 from lkspec.drafts import medusa, mlp_speculator  # noqa: F401  (register the architectures)
@@ -13,10 +18,9 @@ from lkspec.drafts.base import (
     build_draft,
     check_draft_target,
     draft_class,
-    load_draft,
-    read_draft_config,
     register,
 )
+from lkspec.drafts.checkpoint import Checkpoint, load_draft, read_checkpoint, read_draft_config
 from lkspec.drafts.medusa import Medusa, MedusaConfig
 from lkspec.drafts.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 
@@ -26,6 +30,7 @@ DEFAULT_ETA = {"mlp_speculator": 3.0, "medusa": 10.0}
 __all__ = [
     "DEFAULT_ETA",
     "DRAFTS",
+    "Checkpoint",
     "Draft",
     "DraftConfig",
     "MLPSpeculator",
@@ -37,6 +42,7 @@ __all__ = [
     "check_draft_target",
     "draft_class",
     "load_draft",
+    "read_checkpoint",
     "read_draft_config",
     "register",
 ]

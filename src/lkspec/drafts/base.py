@@ -8,7 +8,9 @@ shape [B, T-k, V] for anchors t = 0..T-k-1; `target_logits[:, k:]` lines up with
 
 A checkpoint directory is what vLLM loads (config.json + model.safetensors in its own names), plus an
 `lkspec` block in config.json with the full draft config and the target identity. Saving writes every
-stage's tensors, also when weights are tied (vLLM 0.32 keeps a separate `head.i` per stage).
+stage's tensors, also when weights are tied (vLLM 0.32 keeps a separate `head.i` per stage). Reading,
+in that layout and every outside one, is `lkspec.drafts.checkpoint` (`load_draft`), which builds on this
+module; this one imports nothing from the rest of `lkspec.drafts` or from any stage above it.
 """
 
 from __future__ import annotations
@@ -190,47 +192,3 @@ def check_draft_target(config: DraftConfig, identity: TargetIdentity, what: str 
             f"{what} has vocab {config.vocab_size} / hidden {config.hidden_size} but target {identity.name!r} "
             f"has vocab {identity.vocab_size} / hidden {identity.hidden_size}; use a draft trained for this target"
         )
-
-
-def read_draft_config(path: str | Path) -> tuple[DraftConfig, dict[str, Any]]:
-    """(draft config, full config.json) of a checkpoint directory in any layout lkspec reads, without
-    loading weights (outside layouts may take shapes from the safetensors headers)."""
-    from lkspec.export.importers import read_checkpoint
-
-    ck = read_checkpoint(path, weights=False)
-    return ck.config, ck.raw
-
-
-def load_draft(path: str | Path, *, target: TargetIdentity | None = None,
-               device: str | torch.device = "cpu") -> Draft:
-    """Load a checkpoint directory in fp32: lkspec's own, an lkspec export, or an outside layout that
-    `lkspec.export.importers` reads (vLLM-native, IBM fms, FasterDecoding MEDUSA).
-
-    With `target`, refuse a draft whose recorded target identity or shapes do not match it.
-    """
-    from lkspec.export.importers import read_checkpoint  # every layout lkspec accepts (see that module)
-
-    d = Path(path)
-    ckpt = read_checkpoint(d)
-    config, tensors = ckpt.config, ckpt.tensors
-    assert tensors is not None
-    if target is not None:
-        check_draft_target(config, target, what=f"draft {d}")
-        if ckpt.target:
-            target.check(ckpt.target, what=f"draft {d}")
-    draft = draft_class(config.arch)(config)
-    expected = set(draft.export_state_dict())
-    missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unknown:
-        raise LkspecError(
-            f"{d}/{WEIGHTS_FILE} does not match its config: missing {missing[:6]}{'…' if len(missing) > 6 else ''}, "
-            f"unknown {unknown[:6]}{'…' if len(unknown) > 6 else ''}; re-export it or fix config.json"
-        )
-    with torch.no_grad():
-        for name, param in draft.state_dict(keep_vars=True).items():
-            src = tensors[name]
-            if src.shape != param.shape:
-                raise LkspecError(f"{d}: tensor {name} has shape {tuple(src.shape)}, expected {tuple(param.shape)}")
-            param.copy_(src.to(param.dtype))
-    return draft.to(device)
-

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from lkspec.drafts import Draft, MLPSpeculator, load_draft
+from lkspec.drafts.checkpoint import PROVENANCE_FILE, read_checkpoint
 from lkspec.errors import LkspecError
 from lkspec.export.card import KNOWN_ARCHS, KNOWN_HUB_IDS, git_state, model_card, provenance, select_eval_rows
-from lkspec.export.importers import PROVENANCE_FILE, read_checkpoint
 from lkspec.export.layouts import layout as served_layout
 from lkspec.export.layouts import mlp_mix_ratio, parse_dtype, truncate
 from lkspec.export.vllm_rules import check_servable

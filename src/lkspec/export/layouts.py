@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from lkspec.drafts import Draft, MLPSpeculator, build_draft
+from lkspec.drafts.vllm_names import ARCTIC_MLP_ARCH
 from lkspec.errors import LkspecError
-from lkspec.export.vllm_rules import ARCTIC_MLP_ARCH
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = ("vllm", "arctic")

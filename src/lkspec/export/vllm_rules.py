@@ -10,6 +10,11 @@ Sources (0.32.0 wheel): `transformers_utils/configs/{mlp_speculator,medusa}.py`,
 `model_executor/models/{mlp_speculator,medusa}.py` (`__init__` -> `named_parameters`, `load_weights`),
 `config/speculative.py` (`num_lookahead_tokens` <- `num_speculative_tokens`, divisibility by n_predict).
 `scripts/check_vllm_load.sh` checks this transcription against the real classes.
+
+This module owns the loader *simulation* (config views and defaults, the parameters vLLM builds,
+`simulate_load`, the strict `check_servable` gate the exporter applies to what it writes). The naming
+rules it shares with the checkpoint reader (architectures, key renaming, tied sources) live below it, in
+`lkspec.drafts.vllm_names`, so that reading a checkpoint never depends on the export package.
 """
 
 from __future__ import annotations
@@ -20,26 +25,19 @@ from typing import Any
 
 import torch
 
+from lkspec.drafts.vllm_names import (  # noqa: F401  (the arch names are re-exported for older imports)
+    ARCTIC_MLP_ARCH,
+    MEDUSA_ARCH,
+    MLP_ARCH,
+    medusa_renamed_keys,
+    remap_medusa_key,
+    tied_source,
+)
 from lkspec.errors import LkspecError
 
-MLP_ARCH = "MLPSpeculatorPreTrainedModel"
-ARCTIC_MLP_ARCH = "ArcticMLPSpeculatorPreTrainedModel"
-MEDUSA_ARCH = "MedusaModel"
 MLP_DEFAULTS = {"vocab_size": 32000, "emb_dim": 4096, "inner_dim": 0, "n_predict": 3, "tie_weights": False,
                 "scale_input": False}
 MEDUSA_DEFAULTS = {"hidden_size": 4096, "vocab_size": 32001, "num_heads": 5, "num_hidden_layers": 1}
-
-
-def medusa_renamed_keys(cfg: Mapping[str, Any]) -> dict[str, list[str]]:
-    """`MedusaConfig.from_pretrained`'s renaming: {new key: [config keys that land on it, in order]}."""
-    hits: dict[str, list[str]] = {"num_heads": [], "num_hidden_layers": []}
-    for k in cfg:
-        if "num" in k:
-            if "heads" in k:
-                hits["num_heads"].append(k)
-            elif "layers" in k:
-                hits["num_hidden_layers"].append(k)
-    return hits
 
 
 def medusa_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,17 +122,6 @@ def vllm_parameters(cfg: Mapping[str, Any], num_speculative_tokens: int | None =
     return params
 
 
-def remap_medusa_key(name: str) -> str:
-    """vLLM 0.32 `Medusa._remap_old_checkpoint_key`: FasterDecoding's `{h}.{l}.linear.*` / `{h}.{L}.weight`."""
-    parts = name.split(".")
-    if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
-        head, layer, rest = parts[0], parts[1], parts[2:]
-        if "linear" in rest:
-            return f"blocks.{head}.layers.{layer}.{'.'.join(rest[rest.index('linear') + 1:])}"
-        return f"lm_heads.{head}.{'.'.join(rest)}"
-    return name
-
-
 def vllm_param_name(method: str, name: str, cfg: Mapping[str, Any]) -> str:
     """The name `load_weights` looks up for a checkpoint tensor."""
     if method == "mlp_speculator":
@@ -143,19 +130,6 @@ def vllm_param_name(method: str, name: str, cfg: Mapping[str, Any]) -> str:
     if medusa_view(cfg).get("original_lm_head", False) and mapped == "lm_heads.0.weight":
         return "lm_head.weight"
     return mapped
-
-
-def tied_source(name: str) -> str | None:
-    """For a tied MLP-Speculator: the stage-0/1 tensor a later stage's tensor must equal (fms tying)."""
-    parts = name.split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
-        return None
-    kind, i = parts[0], int(parts[1])
-    if kind in ("emb", "head", "ln") and i > 0:
-        return f"{kind}.0.{parts[2]}"
-    if kind == "proj" and i > 1:
-        return f"proj.1.{parts[2]}"
-    return None
 
 
 @dataclass

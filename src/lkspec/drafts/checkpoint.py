@@ -1,0 +1,359 @@
+"""Reading draft checkpoints in every layout lkspec accepts, into lkspec's names, configs and drafts.
+
+`load_draft` (and `read_draft_config`, without weights) go through `read_checkpoint`, so eval / generate /
+export / training restarts accept all of these:
+
+* lkspec's own directories (config.json with an `lkspec` block: training runs, `Draft.save`);
+* lkspec exports (pure vLLM config.json + provenance.json, which carries the target identity);
+* vLLM-native directories written by other tools (e.g. `abhigoyal/vllm-medusa-vicuna-7b-v1.3`);
+* IBM fms MLP-Speculators (`speculator.` prefix, sharded files, tied checkpoints that store the shared
+  tensors once: stages are expanded, as fms itself ties them);
+* FasterDecoding MEDUSA (`medusa_num_heads` / `medusa_num_layers`, keys `{h}.{l}.linear.weight|bias` and
+  `{h}.{L}.weight`, biases, often `medusa_lm_head.safetensors`) and files with a `medusa_heads.` prefix.
+
+Reading lives here, beside the drafts, and not in `lkspec.export`: every stage loads drafts, so the
+lowest layer must not reach up into the one that writes exports. It builds on `base` (registry, config
+classes) and `vllm_names`, and nothing in `lkspec.drafts` below it imports it.
+
+Weights are read with safetensors only. A directory with only `.pt`/`.bin` files is refused with the
+command that converts it (torch's `weights_only` loader, run by the user on a file they trust), because a
+pickle can run code when it is loaded. Names follow vLLM 0.32's own mapping (`vllm_names`), so what we
+import is what vLLM would serve; where vLLM would silently drop something (FasterDecoding biases without
+`medusa_fc_bias`) we keep it and say so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lkspec.config import parse
+from lkspec.drafts.base import CONFIG_FILE, WEIGHTS_FILE, Draft, DraftConfig, check_draft_target, draft_class
+from lkspec.drafts.vllm_names import (
+    ARCTIC_MLP_ARCH,
+    MEDUSA_ARCH,
+    MLP_ARCH,
+    medusa_renamed_keys,
+    remap_medusa_key,
+    tied_source,
+)
+from lkspec.errors import LkspecError
+from lkspec.io import read_json
+from lkspec.targets import TargetIdentity
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "provenance.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint in lkspec's terms: its config, tensors under lkspec's names, and the recorded target."""
+
+    config: DraftConfig
+    tensors: dict[str, torch.Tensor] | None  # None when read with weights=False
+    target: dict[str, Any] | None
+    layout: str  # "lkspec", "lkspec-export", "vllm", "fms", "fasterdecoding"
+    raw: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def _short(names: list[str], n: int = 8) -> str:
+    return "[" + ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "") + "]"
+
+
+def weight_files(d: Path, *, only: str | None = None) -> list[Path]:
+    """The safetensors files a loader would read (an index's shards, else every *.safetensors)."""
+    if only is not None:
+        if not (d / only).is_file():
+            raise LkspecError(f"{d} has no {only}; the checkpoint is incomplete")
+        return [d / only]
+    for index in sorted(d.glob("*.safetensors.index.json")):
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing:
+            raise LkspecError(f"{index} lists shards that are missing: {_short(missing)}; download them")
+        return [d / s for s in shards]
+    files = sorted(p for p in d.glob("*.safetensors") if not p.name.startswith("."))
+    if files:
+        return files
+    pickles = sorted(p for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        f = pickles[0]
+        raise LkspecError(
+            f"{d} has only pickle weights ({', '.join(p.name for p in pickles)}) and lkspec never unpickles files; "
+            f"convert them once, on a file you trust: python -c \"import torch; from safetensors.torch import "
+            f"save_file; sd = torch.load('{f}', map_location='cpu', weights_only=True); "
+            f"save_file({{k: v.contiguous().clone() for k, v in sd.items()}}, '{f.with_suffix('.safetensors')}')\""
+        )
+    raise LkspecError(f"{d} has no *.safetensors weights; pass a draft directory with its weights")
+
+
+def _scan(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """{tensor name: (file, shape)} from the safetensors headers only (nothing is loaded)."""
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as s:
+            for k in s.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if k in out:
+                    raise LkspecError(f"tensor {k!r} appears in both {out[k][0].name} and {f.name}; keep one copy")
+                out[k] = (f, tuple(s.get_slice(k).get_shape()))
+    return out
+
+
+def _arch_of(raw: dict[str, Any], d: Path) -> str:
+    model_type = raw.get("model_type")
+    archs = raw.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else list(archs)
+    if model_type == "mlp_speculator" or {MLP_ARCH, ARCTIC_MLP_ARCH} & set(archs):
+        return "mlp_speculator"
+    if model_type == "medusa" or MEDUSA_ARCH in archs or any("medusa" in k for k in raw):
+        return "medusa"
+    raise LkspecError(
+        f"{d}/{CONFIG_FILE} is not a draft lkspec can read (model_type {model_type!r}, architectures {archs}); "
+        f"expected an MLP-Speculator or MEDUSA checkpoint (lkspec, vLLM, IBM fms or FasterDecoding layout)"
+    )
+
+
+def _need(raw: dict[str, Any], key: str, d: Path) -> Any:
+    if key not in raw:
+        raise LkspecError(f"{d}/{CONFIG_FILE} lacks {key!r}; add it (see docs/export.md for the layout)")
+    return raw[key]
+
+
+@dataclass
+class _Plan:
+    """How to build each lkspec tensor: from which file/key, times which scale (or as a tied alias)."""
+
+    arch: str
+    config: dict[str, Any]
+    sources: dict[str, tuple[Path, str]]  # lkspec name -> (file, original key)
+    aliases: dict[str, str] = field(default_factory=dict)  # lkspec name -> lkspec name it copies
+    scale: dict[str, float] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)  # original keys with no place
+    layout: str = "vllm"
+    notes: list[str] = field(default_factory=list)
+
+
+def _plan_mlp(raw: dict[str, Any], scan: dict[str, tuple[Path, tuple[int, ...]]], d: Path) -> _Plan:
+    sources = {k.replace("speculator.", ""): (f, k) for k, (f, _) in scan.items()}
+    layout = "fms" if any(k.startswith("speculator.") for k in scan) else "vllm"
+    K = int(_need(raw, "n_predict", d))
+    cfg = {
+        "arch": "mlp_speculator",
+        "hidden_size": int(_need(raw, "emb_dim", d)),
+        "vocab_size": int(_need(raw, "vocab_size", d)),
+        "num_heads": K,
+        "inner_dim": int(raw.get("inner_dim") or 0),
+        "tie_weights": bool(raw.get("tie_weights", False)),
+        "scale_input": bool(raw.get("scale_input", False)),
+    }
+    plan = _Plan("mlp_speculator", cfg, sources, layout=layout)
+    if cfg["tie_weights"]:
+        # fms ties emb/head/ln across stages and proj[2:] to proj[1]; tied files may store those once
+        expanded = []
+        for i in range(1, K):
+            for name in (f"emb.{i}.weight", f"head.{i}.weight", f"ln.{i}.weight", f"ln.{i}.bias", f"proj.{i}.weight"):
+                src = tied_source(name)
+                if src is not None and name not in sources and src in sources:
+                    plan.aliases[name] = src
+                    expanded.append(name)
+        if expanded:
+            plan.notes.append(f"tied checkpoint: expanded {len(expanded)} shared tensors to every stage")
+    return plan
+
+
+def _plan_medusa(raw: dict[str, Any], scan: dict[str, tuple[Path, tuple[int, ...]]], d: Path) -> _Plan:
+    view = dict(raw)
+    for new, olds in medusa_renamed_keys(raw).items():
+        values = {repr(raw[k]) for k in olds}
+        if len(values) > 1:
+            raise LkspecError(
+                f"{d}/{CONFIG_FILE} has {olds} with different values; vLLM's MedusaConfig renames all of them to "
+                f"{new} (the last one wins), so remove the ones that are not the Medusa {new}"
+            )
+        for k in olds:
+            view[new] = view.pop(k)
+    if (view.get("truncated_vocab_size") not in (None, view.get("vocab_size"))) or any(
+        k.endswith("token_map") for k in scan
+    ):
+        raise LkspecError(f"{d} uses a truncated draft vocabulary (token_map); lkspec drafts predict the full "
+                          f"target vocabulary, so retrain or drop the token map")
+    original_lm_head = bool(view.get("original_lm_head", False))
+    sources: dict[str, tuple[Path, str]] = {}
+    fasterdecoding = False
+    lm_layer: dict[str, int] = {}
+    for k, (f, _) in scan.items():
+        name = k.replace("medusa_heads.", "")
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
+            fasterdecoding = True
+            if "linear" not in parts[2:]:
+                lm_layer[k] = int(parts[1])
+        name = remap_medusa_key(name)
+        if original_lm_head and name in ("lm_head.weight", "lm_heads.0.weight"):
+            name = "lm_head.weight"
+        if name in sources:
+            raise LkspecError(f"{d}: tensors {sources[name][1]!r} and {k!r} both map to {name}; keep one")
+        sources[name] = (f, k)
+    heads = {int(n.split(".")[1]) for n in sources if n.startswith(("blocks.", "lm_heads.")) and
+             n.split(".")[1].isdigit()}
+    n_heads = max(heads) + 1 if heads else int(view.get("num_heads", 0))
+    if "num_heads" in view and int(view["num_heads"]) != n_heads:
+        log.warning("%s: config says %s heads but the weights hold %d; using the weights' %d "
+                    "(FasterDecoding configs are known to misstate it)", d, view["num_heads"], n_heads, n_heads)
+    layers = int(view.get("num_hidden_layers", 1))
+    bad_lm = sorted(k for k, layer in lm_layer.items() if layer != layers)
+    if bad_lm:
+        raise LkspecError(f"{d}: FasterDecoding lm-head keys {_short(bad_lm)} do not sit at index "
+                          f"num_layers={layers}; fix medusa_num_layers in config.json")
+    has_bias = any(n.startswith("blocks.") and n.endswith(".bias") for n in sources)
+    notes = []
+    if "medusa_fc_bias" in raw:
+        bias = bool(raw["medusa_fc_bias"])
+    else:
+        bias = has_bias
+        if has_bias:
+            notes.append("blocks have biases but config.json has no medusa_fc_bias (vLLM would drop them); "
+                         "kept them; re-export with lkspec to serve them")
+    hidden = view.get("hidden_size")
+    vocab = view.get("vocab_size")
+    w0 = next((scan[src[1]][1] for n, src in sources.items() if n.startswith("blocks.") and n.endswith("weight")),
+              None)
+    h0 = next((scan[src[1]][1] for n, src in sources.items() if n.startswith(("lm_heads.", "lm_head."))), None)
+    if hidden is None:
+        hidden = w0[1] if w0 else (h0[1] if h0 else None)
+    if vocab is None and h0 is not None:
+        vocab = h0[0]
+    if hidden is None or vocab is None:
+        raise LkspecError(f"{d}: cannot tell hidden_size / vocab_size (no config keys, no head tensors)")
+    cfg = {"arch": "medusa", "hidden_size": int(hidden), "vocab_size": int(vocab), "num_heads": n_heads,
+           "num_layers": layers, "bias": bias}
+    plan = _Plan("medusa", cfg, sources, layout="fasterdecoding" if fasterdecoding else "vllm", notes=notes)
+    if original_lm_head and "lm_head.weight" in sources:
+        for h in range(n_heads):
+            plan.aliases[f"lm_heads.{h}.weight"] = "lm_head.weight"
+        plan.notes.append("original_lm_head: one shared lm_head expanded to every head")
+    scale = float(view.get("logit_scale", 1.0) or 1.0)
+    if scale != 1.0:
+        plan.scale = {f"lm_heads.{h}.weight": scale for h in range(n_heads)}
+        plan.notes.append(f"logit_scale {scale} folded into the lm_heads")
+    return plan
+
+
+def expected_names(config: DraftConfig) -> set[str]:
+    """Every tensor name lkspec's draft of this config saves. Names depend on structure, not widths, so a
+    1-wide twin answers it without allocating the real vocabulary matrices."""
+    widths = {k: 1 for k in ("hidden_size", "vocab_size", "inner_dim") if k in type(config).model_fields}
+    return set(draft_class(config.arch)(config.model_copy(update=widths)).export_state_dict())
+
+
+def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
+    """Read a draft directory in any supported layout (see the module docstring).
+
+    Refuses with one line: a directory without config.json or weights, pickle-only weights, an unknown
+    layout, and tensors that are missing or have no place (both listed, under the file's own names).
+    """
+    d = Path(path)
+    if not (d / CONFIG_FILE).is_file():
+        raise LkspecError(f"{d} has no {CONFIG_FILE}; pass a draft directory written by `lkspec train` or export")
+    raw = read_json(d / CONFIG_FILE)
+    meta = raw.get("lkspec")
+    if meta:
+        cls = draft_class(meta["arch"])
+        config = parse(cls.config_cls, meta["config"], f"draft config in {d}/{CONFIG_FILE}")
+        files = weight_files(d, only=WEIGHTS_FILE) if weights else []
+        scan = _scan(files)
+        plan = _Plan(config.arch, config.model_dump(), {k: (f, k) for k, (f, _) in scan.items()}, layout="lkspec")
+        target = meta.get("target")
+    else:
+        arch = _arch_of(raw, d)
+        prov = read_json(d / PROVENANCE_FILE) if (d / PROVENANCE_FILE).is_file() else None
+        scan = _scan(weight_files(d, only=WEIGHTS_FILE if prov else None))
+        plan = _plan_mlp(raw, scan, d) if arch == "mlp_speculator" else _plan_medusa(raw, scan, d)
+        if prov:
+            plan.layout = "lkspec-export"
+        cls = draft_class(arch)
+        config = parse(cls.config_cls, plan.config, f"draft config derived from {d}/{CONFIG_FILE}")
+        target = (prov or {}).get("target")
+    for note in plan.notes:
+        log.info("%s: %s", d, note)
+    if not weights:
+        return Checkpoint(config, None, target, plan.layout, raw, plan.notes)
+    expected = expected_names(config)
+    have = set(plan.sources) | set(plan.aliases)
+    missing = sorted(expected - have)
+    shared = set(plan.aliases.values())  # e.g. original_lm_head's lm_head.weight: used through its aliases
+    unknown = sorted(plan.sources[n][1] for n in set(plan.sources) - expected - shared)
+    if missing or unknown:
+        hint = ""
+        if unknown and all(k.endswith(".bias") for k in unknown) and config.arch == "medusa":
+            hint = " (biases present but medusa_fc_bias is false: set it true in config.json)"
+        raise LkspecError(
+            f"{d}: tensors do not match its config ({plan.layout} layout): missing {_short(missing)}, "
+            f"unknown {_short(unknown)}{hint}; fix config.json or the weights"
+        )
+    origin = {name: plan.aliases.get(name, name) for name in expected}  # lkspec name -> source it reads
+    by_file: dict[Path, set[str]] = {}
+    for src in set(origin.values()):
+        by_file.setdefault(plan.sources[src][0], set()).add(src)
+    loaded: dict[str, torch.Tensor] = {}
+    for f, srcs in by_file.items():
+        with safe_open(str(f), framework="pt") as s:
+            for src in srcs:
+                loaded[src] = s.get_tensor(plan.sources[src][1])
+    tensors = {name: loaded[src] * plan.scale[name] if name in plan.scale else loaded[src]
+               for name, src in origin.items()}
+    if config.arch == "mlp_speculator" and getattr(config, "tie_weights", False):
+        for name in sorted(tensors):
+            src = tied_source(name)
+            if src is not None and not torch.equal(tensors[name], tensors[src]):
+                raise LkspecError(f"{d}: tie_weights is true but {name} differs from {src}; lkspec ties them as "
+                                  f"fms does, so set tie_weights false if the stages really differ")
+    return Checkpoint(config, tensors, target, plan.layout, raw, plan.notes)
+
+
+def read_draft_config(path: str | Path) -> tuple[DraftConfig, dict[str, Any]]:
+    """(draft config, full config.json) of a checkpoint directory in any layout lkspec reads, without
+    loading weights (outside layouts may take shapes from the safetensors headers)."""
+    ck = read_checkpoint(path, weights=False)
+    return ck.config, ck.raw
+
+
+def load_draft(path: str | Path, *, target: TargetIdentity | None = None,
+               device: str | torch.device = "cpu") -> Draft:
+    """Load a checkpoint directory in fp32: lkspec's own, an lkspec export, or an outside layout that
+    `read_checkpoint` reads (vLLM-native, IBM fms, FasterDecoding MEDUSA).
+
+    With `target`, refuse a draft whose recorded target identity or shapes do not match it.
+    """
+    d = Path(path)
+    ckpt = read_checkpoint(d)
+    config, tensors = ckpt.config, ckpt.tensors
+    assert tensors is not None
+    if target is not None:
+        check_draft_target(config, target, what=f"draft {d}")
+        if ckpt.target:
+            target.check(ckpt.target, what=f"draft {d}")
+    draft = draft_class(config.arch)(config)
+    expected = set(draft.export_state_dict())
+    missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unknown:
+        raise LkspecError(
+            f"{d}/{WEIGHTS_FILE} does not match its config: missing {missing[:6]}{'…' if len(missing) > 6 else ''}, "
+            f"unknown {unknown[:6]}{'…' if len(unknown) > 6 else ''}; re-export it or fix config.json"
+        )
+    with torch.no_grad():
+        for name, param in draft.state_dict(keep_vars=True).items():
+            src = tensors[name]
+            if src.shape != param.shape:
+                raise LkspecError(f"{d}: tensor {name} has shape {tuple(src.shape)}, expected {tuple(param.shape)}")
+            param.copy_(src.to(param.dtype))
+    return draft.to(device)
+
