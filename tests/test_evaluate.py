@@ -146,7 +146,7 @@ def test_oracle_draft_gives_k_plus_one(tiny_target: Target, temperature: float) 
 
 def test_never_draft_gives_exactly_one(tiny_target: Target) -> None:
     prompts = _prompts(tiny_target, 4)
-    s = eval_settings(benchmarks=["mtbench"], temperatures=[0, 1], max_new_tokens=12)
+    s = eval_settings(benchmarks=["mtbench"], temperatures=[0, 1], max_new_tokens=12, baseline=False)
     used: set[int] = set()
     for T in (0.0, 1.0):
         run = target_samples(tiny_target, prompts["mtbench"], SampleSettings(temperature=T, max_new_tokens=12),
@@ -173,9 +173,9 @@ def test_paired_comparison_and_seeds(tiny_target: Target) -> None:
     ra, rb = rep.row("a", "mtbench", 1.0, "sampled"), rep.row("b", "mtbench", 1.0, "sampled")
     assert ra["num_prompts"] == 4 and ra["num_tokens"] > 40  # two seeds pooled per prompt
     assert ra["ci95"][0] <= ra["tau"] <= ra["ci95"][1]
-    same = rep._find_diff("a-again", "mtbench", 1.0, "sampled")
+    same = rep.difference("a-again", "a", "mtbench", 1.0, "sampled")
     assert same["delta_tau"] == 0.0 and same["ci95"] == [0.0, 0.0]  # paired: identical drafts differ by nothing
-    diff = rep._find_diff("b", "mtbench", 1.0, "sampled")
+    diff = rep.difference("b", "a", "mtbench", 1.0, "sampled")
     assert diff["delta_tau"] == pytest.approx(rb["tau"] - ra["tau"])
     # the paired CI is narrower than the two marginal CIs combined
     assert diff["ci95"][1] - diff["ci95"][0] < (ra["ci95"][1] - ra["ci95"][0]) + (rb["ci95"][1] - rb["ci95"][0])
@@ -188,7 +188,7 @@ def test_cli_writes_results_table_and_plot(tiny_target_dir: Path, tiny_target: T
                      num_heads=4, seed=0).save(tmp_path / "lk", target=tiny_target.identity)
     out = tmp_path / "res" / "results.json"
     main(["eval", str(d1), str(d2), "--target", str(tiny_target_dir), "-b", "mtbench,gsm8k", "--limit", "3",
-          "--max-new-tokens", "8", "-t", "0", "-t", "1", "--out", str(out), "--bootstrap", "200"])
+          "--max-new-tokens", "8", "-t", "0", "-t", "1", "--out", str(out), "--bootstrap", "200", "--no-ngram"])
     res = json.loads(out.read_text())
     assert res["format"] == "lkspec-eval/1" and res["k"] == K and res["max_new_tokens"] == 8 and res["seed"] == 0
     assert TargetIdentity.model_validate(res["target"]) == tiny_target.identity

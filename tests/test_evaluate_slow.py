@@ -77,8 +77,8 @@ def _replay_rounds(f: Trained, res: GenerationResult, T: float) -> tuple[float, 
     ids = torch.tensor(res.prompt_ids + res.tokens)
     P, n = len(res.prompt_ids), len(res.tokens)
     hidden = f.target.hidden_states(ids[None])[0, P - 2 : P + n - 1]
-    (trace,), _ = draft_traces([f.draft], f.target, Sample("x", "x", P, ids, hidden, res.finished),
-                               temperature=T, num_heads=K)
+    (trace,) = draft_traces([f.draft], f.target, Sample("x", "x", P, ids, hidden, res.finished),
+                            temperature=T, num_heads=K).drafts
     return rounds_moments(trace.acceptance("sampled", T, K))
 
 

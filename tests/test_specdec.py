@@ -144,7 +144,7 @@ def replay_rounds(target: Target, draft: Draft, res: GenerationResult, temperatu
     P, n = len(res.prompt_ids), len(res.tokens)
     hidden = target.hidden_states(ids[None])[0, P - 2 : P + n - 1]
     sample = Sample("x", "x", P, ids, hidden, res.finished)
-    (trace,), _ = draft_traces([draft], target, sample, temperature=temperature, num_heads=res.k)
+    (trace,) = draft_traces([draft], target, sample, temperature=temperature, num_heads=res.k).drafts
     return rounds_moments(trace.acceptance(rule, temperature, res.k))
 
 

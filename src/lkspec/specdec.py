@@ -31,6 +31,7 @@ import torch
 
 from lkspec.drafts import Draft, check_draft_target
 from lkspec.errors import LkspecError
+from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
 from lkspec.sampling import check_temperature, sample, warp_probs
 from lkspec.targets import Target
 
@@ -93,22 +94,52 @@ class SpeculativeGenerator:
         result.tokens, result.tau
     """
 
-    def __init__(self, target: Target, draft: Draft, *, k: int | None = None, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, rule: str = "sampled") -> None:
+    def __init__(self, target: Target, draft: Draft | None, *, k: int | None = None, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, rule: str = "sampled", proposer: str = "draft",
+                 ngram: NgramSettings | None = None) -> None:
         check_temperature(temperature)
         if rule not in GEN_RULES:
             raise LkspecError(f"unknown acceptance rule {rule!r}; choose from {', '.join(GEN_RULES)}")
+        if proposer not in PROPOSER_KINDS:
+            raise LkspecError(f"unknown proposer {proposer!r}; choose from {', '.join(PROPOSER_KINDS)}")
         if not 0 < top_p <= 1:
             raise LkspecError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
             raise LkspecError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-        check_draft_target(draft.config, target.identity)
-        self.k = draft.num_heads if k is None else k
-        if not 1 <= self.k <= draft.num_heads:
-            raise LkspecError(f"K = {self.k} but the draft has {draft.num_heads} heads; use --k {draft.num_heads} "
-                              f"or fewer")
-        self.target, self.draft = target, draft.to(target.device).eval()
+        self.uses_draft = proposer != NGRAM
+        self.uses_ngram = proposer != "draft"
+        if self.uses_draft:
+            if draft is None:
+                raise LkspecError(f"proposer {proposer!r} needs a trained draft; pass one, or use --proposer ngram")
+            check_draft_target(draft.config, target.identity)
+            heads = draft.num_heads
+            self.k = heads if k is None else k
+            if self.k > heads:
+                raise LkspecError(f"K = {self.k} but the draft has {heads} heads; use --k {heads} or fewer")
+            draft = draft.to(target.device).eval()
+        else:
+            self.k = 6 if k is None else k
+        if self.k < 1:
+            raise LkspecError(f"K = {self.k}: a round drafts at least one token; use --k 1 or more")
+        self.target, self.draft = target, draft
+        self.ngram = ngram or NgramSettings()
+        self.proposer = proposer
         self.temperature, self.top_k, self.top_p, self.rule = float(temperature), top_k, top_p, rule
+
+    def _propose(self, h_prev: torch.Tensor, last: torch.Tensor, index: NgramIndex | None,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m <= K drafted tokens [m], the distributions they were drawn from [m, V]) for one round."""
+        V, dev = self.target.vocab_size, self.target.device
+        prefix = index.propose(self.k) if index is not None else []
+        if not self.uses_draft or len(prefix) == self.k:
+            toks = torch.tensor(prefix, dtype=torch.long, device=dev)
+            return toks, torch.nn.functional.one_hot(toks, V).float()
+        assert self.draft is not None
+        greedy = self.rule == "greedy" or self.temperature == 0
+        prop = self.draft.propose(h_prev, last, temperature=0.0 if greedy else self.temperature, top_k=self.top_k,
+                                  top_p=self.top_p, num_tokens=self.k, generator=g,
+                                  **({"prefix": prefix} if prefix else {}))
+        return prop.tokens[0].to(dev), prop.probs[0].to(dev)
 
     @staticmethod
     def accept(p: torch.Tensor, q: torch.Tensor, token: int, g: torch.Generator) -> bool:
@@ -151,26 +182,25 @@ class SpeculativeGenerator:
             g = torch.Generator(device=dev)
             g.manual_seed(seed if seed is not None else torch.seed())
         eos = set(target.eos_token_ids)
-        greedy_draft = self.rule == "greedy" or self.temperature == 0
         decoder = target.model.get_decoder()
         t0 = time.perf_counter()
         cache = DynamicCache(config=target.model.config)
         ids = torch.tensor([prompt], device=dev)
         h_prev = decoder(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
         last = ids[:, -1]
+        index = NgramIndex(self.ngram, prompt) if self.uses_ngram else None
         out: list[int] = []
         log: list[tuple[int, int]] = []
         finished = False
         while len(out) < max_new_tokens and not finished:
-            prop = self.draft.propose(h_prev, last, temperature=0.0 if greedy_draft else self.temperature,
-                                      top_k=self.top_k, top_p=self.top_p, num_tokens=K, generator=g)
-            drafts, q = prop.tokens[0].to(dev), prop.probs[0].to(dev)
+            drafts, q = self._propose(h_prev, last, index, g)
+            m = int(drafts.shape[0])
             base = cache.get_seq_length()  # position of `last`
             hs = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), past_key_values=cache,
-                         use_cache=True).last_hidden_state[0]  # [K+1, H]
+                         use_cache=True).last_hidden_state[0]  # [m+1, H]
             p = self._p(hs)
             j, new = 0, []
-            for i in range(K):
+            for i in range(m):
                 d = int(drafts[i])
                 if self.accept(p[i], q[i], d, g):
                     new.append(d)
@@ -179,7 +209,7 @@ class SpeculativeGenerator:
                 new.append(self.correction(p[i], q[i], g))
                 break
             else:
-                new.append(int(sample(p[K], g)))
+                new.append(int(sample(p[m], g)))
             _crop(cache, base + 1 + j)  # keep `last` and the accepted drafts
             h_prev, last = hs[j][None], torch.tensor([new[-1]], device=dev)
             log.append((len(out), j))
@@ -189,6 +219,8 @@ class SpeculativeGenerator:
                     new, finished = new[: i + 1], True
                     break
             out.extend(new)
+            if index is not None:
+                index.extend(new)
             if on_tokens is not None:
                 on_tokens(new)
         return GenerationResult(prompt, out, len(log), finished, time.perf_counter() - t0, K, log)

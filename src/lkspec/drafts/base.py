@@ -6,6 +6,12 @@ distribution is the target's own next-token distribution at position t+k, softma
 A teacher-forced `forward(hidden [B,T,H], input_ids [B,T])` therefore returns, for head k, logits of
 shape [B, T-k, V] for anchors t = 0..T-k-1; `target_logits[:, k:]` lines up with it row for row.
 
+Truncated draft vocabulary (paper §4.4). With `draft_vocab_size` N < V the heads have N rows and the
+draft carries `token_map` [N] (the target ids of its rows, ascending; saved with the weights under
+vLLM MEDUSA's name). Training uses the N-row logits directly; `forward` and `propose` hand out
+distributions over the target's V tokens with zeros outside the map, so the replay and the generator
+treat every draft alike.
+
 A checkpoint directory is what vLLM loads (config.json + model.safetensors in its own names), plus an
 `lkspec` block in config.json with the full draft config and the target identity. Saving writes every
 stage's tensors, also when weights are tied (vLLM 0.32 keeps a separate `head.i` per stage). Reading,
@@ -16,19 +22,20 @@ module; this one imports nothing from the rest of `lkspec.drafts` or from any st
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lkspec import __version__
 from lkspec.config import StrictModel, parse
 from lkspec.errors import LkspecError
 from lkspec.io import save_tensors, write_json
 from lkspec.sampling import sample, warp_probs
-from lkspec.targets import TargetIdentity
+from lkspec.targets import TargetIdentity, TargetTensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,6 +48,23 @@ class DraftConfig(StrictModel):
     hidden_size: int = Field(gt=0, description="target hidden size (input width)")
     vocab_size: int = Field(gt=0, description="target vocabulary size (rows of every head)")
     num_heads: int = Field(6, ge=1, description="K: tokens drafted per round (the paper uses 6)")
+    draft_vocab_size: int | None = Field(None, ge=1, description="rows of every head when the draft covers only "
+                                         "N < vocab_size tokens (its token_map); None: the full vocabulary")
+
+    @property
+    def head_rows(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def truncated(self) -> bool:
+        return self.draft_vocab_size is not None and self.draft_vocab_size < self.vocab_size
+
+    @model_validator(mode="after")
+    def _vocab_fits(self) -> DraftConfig:
+        if self.draft_vocab_size is not None and self.draft_vocab_size > self.vocab_size:
+            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} exceeds the target's vocab_size "
+                             f"{self.vocab_size}; use at most {self.vocab_size}")
+        return self
 
 
 @dataclass
@@ -60,6 +84,30 @@ class Draft(torch.nn.Module, ABC):
     def __init__(self, config: DraftConfig) -> None:
         super().__init__()
         self.config = config
+        self.token_map: torch.Tensor | None
+        if config.truncated:
+            # placeholder rows 0..N-1 until the trainer sets the real map (set_token_map)
+            self.register_buffer("token_map", torch.arange(config.head_rows, dtype=torch.long))
+        else:
+            self.token_map = None
+
+    def set_token_map(self, tokens: torch.Tensor) -> None:
+        """The target ids of the heads' rows: N distinct ids, stored ascending."""
+        if self.token_map is None:
+            raise LkspecError("this draft covers the full vocabulary; set draft_vocab_size to truncate it")
+        ids = torch.as_tensor(tokens, dtype=torch.long).flatten().unique(sorted=True)
+        n, V = self.config.head_rows, self.config.vocab_size
+        if ids.numel() != n or int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise LkspecError(f"a token map needs {n} distinct ids in [0, {V}); got {ids.numel()} distinct ids in "
+                              f"[{int(ids.min())}, {int(ids.max())}]")
+        self.token_map.copy_(ids.to(self.token_map.device))
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., N] head logits -> [..., V] over the target's vocabulary (-inf outside the token map)."""
+        if self.token_map is None:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.token_map, logits)
 
     @property
     def num_heads(self) -> int:
@@ -81,11 +129,13 @@ class Draft(torch.nn.Module, ABC):
 
     @abstractmethod
     def head_weight(self, k: int) -> torch.Tensor:
-        """The vocabulary projection [V, D] of head k (1-based); logits = states @ weight.T."""
+        """The vocabulary projection [N, D] of head k (1-based); logits = states @ weight.T (N = head_rows)."""
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Per-head logits, head k (1-based) -> [B, T-k, V]; see the module docstring for alignment."""
-        return [s @ self.head_weight(k).T for k, s in enumerate(self.head_states(hidden, input_ids), 1)]
+        """Per-head logits over the target's vocabulary, head k (1-based) -> [B, T-k, V]; see the module
+        docstring for alignment (a truncated draft gives -inf outside its token map)."""
+        return [self.full_logits(s @ self.head_weight(k).T) for k, s in
+                enumerate(self.head_states(hidden, input_ids), 1)]
 
     @abstractmethod
     def _propose_logits(self, hidden: torch.Tensor, last_token: torch.Tensor, num_tokens: int,
@@ -103,18 +153,27 @@ class Draft(torch.nn.Module, ABC):
         top_p: float = 1.0,
         num_tokens: int | None = None,
         generator: torch.Generator | None = None,
+        prefix: Sequence[int] = (),
     ) -> Proposal:
         """Draft K tokens from the target's last hidden state [B, H] and the token it emitted [B].
 
         At T > 0 each token is sampled from q (warped like the target's p); at T = 0 it is the argmax and
-        q is one-hot.
+        q is one-hot. `prefix` forces the first tokens (q one-hot on them), e.g. an n-gram match that the
+        draft continues: a chained draft then consumes them as its inputs.
         """
         k = self.num_heads if num_tokens is None else num_tokens
         if not 1 <= k <= self.num_heads:
             raise LkspecError(f"cannot draft {k} tokens with a {self.num_heads}-head draft; use K <= {self.num_heads}")
+        forced = list(prefix)[:k]
+        done = 0
 
         def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            probs = warp_probs(logits, temperature, top_k, top_p)
+            nonlocal done
+            if done < len(forced):
+                tokens = torch.full(logits.shape[:-1], forced[done], dtype=torch.long, device=logits.device)
+                done += 1
+                return tokens, torch.nn.functional.one_hot(tokens, self.config.vocab_size).float()
+            probs = warp_probs(self.full_logits(logits), temperature, top_k, top_p)
             tokens = probs.argmax(-1) if temperature == 0 else sample(probs, generator)
             return tokens, probs
 
@@ -124,6 +183,16 @@ class Draft(torch.nn.Module, ABC):
     def _as_param_dtype(self, x: torch.Tensor) -> torch.Tensor:
         p = next(self.parameters())
         return x.to(device=p.device, dtype=p.dtype)
+
+    # ----- starting from the target (lkspec.drafts.target_init) -------------------------------
+    def init_from_target(self, tensors: TargetTensors, docs: Callable[[], Iterable[Any]]) -> Any:
+        """Copy the target's token tables into this draft and fit its state maps on `docs()` (may be
+        called more than once: each call yields the training documents again)."""
+        raise LkspecError(f"{self.arch} has no target initialisation; use draft.init=random")
+
+    def vocab_parameters(self) -> list[torch.nn.Parameter]:
+        """The vocabulary-sized tensors (heads, token embeddings): what draft.freeze keeps fixed."""
+        return []
 
     # ----- the vLLM layout -------------------------------------------------------------------
     @abstractmethod

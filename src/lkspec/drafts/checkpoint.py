@@ -250,7 +250,10 @@ def _plan_medusa(raw: dict[str, Any], scan: dict[str, tuple[Path, tuple[int, ...
 def expected_names(config: DraftConfig) -> set[str]:
     """Every tensor name lkspec's draft of this config saves. Names depend on structure, not widths, so a
     1-wide twin answers it without allocating the real vocabulary matrices."""
-    widths = {k: 1 for k in ("hidden_size", "vocab_size", "inner_dim") if k in type(config).model_fields}
+    widths: dict[str, int | None] = {k: 1 for k in ("hidden_size", "vocab_size", "inner_dim")
+                                     if k in type(config).model_fields}
+    if config.truncated:  # keep the token map in the twin: 1 row out of 2 tokens
+        widths.update(vocab_size=2, draft_vocab_size=1)
     return set(draft_class(config.arch)(config.model_copy(update=widths)).export_state_dict())
 
 

@@ -12,13 +12,17 @@ of the target's lm_head.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 
+from lkspec.data.source import Doc
 from lkspec.drafts.base import Draft, DraftConfig, register
+from lkspec.drafts.target_init import InitReport, NormalEquations, TargetBasis
+from lkspec.targets import TargetTensors
 
 
 class MedusaConfig(DraftConfig):
@@ -58,9 +62,9 @@ class Medusa(Draft):
 
     def __init__(self, config: MedusaConfig) -> None:
         super().__init__(config)
-        H, V = config.hidden_size, config.vocab_size
+        H = config.hidden_size
         self.blocks = nn.ModuleList(MedusaHead(H, config.num_layers, config.bias) for _ in range(config.num_heads))
-        self.lm_heads = nn.ModuleList(nn.Linear(H, V, bias=False) for _ in range(config.num_heads))
+        self.lm_heads = nn.ModuleList(nn.Linear(H, config.head_rows, bias=False) for _ in range(config.num_heads))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -71,6 +75,34 @@ class Medusa(Draft):
                     nn.init.zeros_(layer.bias)
         for head in self.lm_heads:
             head.reset_parameters()
+
+    def vocab_parameters(self) -> list[nn.Parameter]:
+        return [h.weight for h in self.lm_heads]
+
+    @torch.no_grad()
+    def init_from_target(self, tensors: TargetTensors, docs: Callable[[], Iterable[Doc]]) -> InitReport:
+        """Medusa-1's start (blocks at identity, every head from the target's lm_head), with each head's
+        lm_head composed with a ridge map from h_t to the target's state k tokens ahead, so head k starts
+        as a linear predictor of token t+k+1 rather than a copy of the target's prediction of t+1."""
+        K, H = self.config.num_heads, self.config.hidden_size
+        first = [d for _, d in zip(range(64), docs(), strict=False)]
+        basis = TargetBasis.of(tensors, first)
+        eqs = [NormalEquations(H, H) for _ in range(K)]
+        for d in docs():
+            h = self._as_param_dtype(d.hidden).float().cpu()
+            for k, eq in enumerate(eqs, 1):
+                if len(d) > k:
+                    eq.add(h[:-k], basis.state(h[k:]))
+        head = basis.head(self.token_map)
+        for block in self.blocks:
+            for layer in block.layers:
+                layer.weight.zero_()
+                if layer.bias is not None:
+                    layer.bias.zero_()
+        for lm_head, eq in zip(self.lm_heads, eqs, strict=True):
+            lm_head.weight.copy_(head @ eq.solve().T)
+        return InitReport({f"head{k}": eq.rows for k, eq in enumerate(eqs, 1)},
+                          "final norm" if tensors.norm_scale is not None else "scalar")
 
     def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Head k at anchor t reads h_t only; anchors run to T-k-1 so shapes match the MLP's."""
@@ -100,5 +132,5 @@ class Medusa(Draft):
             "num_heads": c.num_heads,
             "num_hidden_layers": c.num_layers,
             "medusa_fc_bias": c.bias,
-            "truncated_vocab_size": None,
+            "truncated_vocab_size": c.draft_vocab_size if c.truncated else None,
         }

@@ -15,14 +15,18 @@ thing divided by state_weight; the norm cancels the factor, so the same weights 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from lkspec.data.source import Doc
 from lkspec.drafts.base import Draft, DraftConfig, register
+from lkspec.drafts.target_init import InitReport, NormalEquations, TargetBasis
 from lkspec.errors import LkspecError
+from lkspec.targets import TargetTensors
 
 LN_EPS = 1e-6
 
@@ -71,7 +75,7 @@ class MLPSpeculator(Draft):
         K, H, inner, V = config.num_heads, config.hidden_size, config.inner, config.vocab_size
         self.emb = nn.ModuleList(nn.Embedding(V, inner) for _ in range(K))
         self.proj = nn.ModuleList(nn.Linear(H if i == 0 else inner, inner, bias=False) for i in range(K))
-        self.head = nn.ModuleList(nn.Linear(inner, V, bias=False) for _ in range(K))
+        self.head = nn.ModuleList(nn.Linear(inner, config.head_rows, bias=False) for _ in range(K))
         self.ln = nn.ModuleList(RMSNormAffine(inner) for _ in range(K))
         self.ln0 = RMSNormAffine(H, affine=False) if config.scale_input else None
         self.state_weight = 0.5 ** (0.5 / K)
@@ -96,6 +100,52 @@ class MLPSpeculator(Draft):
             elif isinstance(m, RMSNormAffine) and m.weight is not None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def vocab_parameters(self) -> list[nn.Parameter]:
+        return list(dict.fromkeys([*(e.weight for e in self.emb), *(h.weight for h in self.head)]))
+
+    @torch.no_grad()
+    def init_from_target(self, tensors: TargetTensors, docs: Callable[[], Iterable[Doc]]) -> InitReport:
+        """Start as an exactly linear one-step model of the target (needs inner_dim = 2 x hidden size).
+
+        A stage is GELU(LN(u)), and GELU(x) - GELU(-x) = x exactly. So with a mirrored state u = [v; -v]
+        (LN keeps the mirror: both halves share one RMS) every stage passes v / rms(v) on linearly, and
+        heads [W g, -W g] turn it into the target's own logits. v is fitted by ridge regression: stage 1
+        maps (h_t, e(y_{t+1})) to the target's next normalised state x_{t+1}; stages >= 2 map
+        (x_{t+k-1}, e(y_{t+k})) to x_{t+k}, fitted on the target's states, with one token map Q shared by
+        every stage (the embedding table is shared when weights are tied). Training then bends the
+        linear start wherever a nonlinearity pays.
+        """
+        c, H = self.config, self.config.hidden_size
+        if c.inner != 2 * H:
+            raise LkspecError(f"a target-initialised mlp_speculator needs inner_dim = 2 x hidden size = {2 * H} "
+                              f"(got {c.inner}); set draft.inner_dim={2 * H} or use draft.init=random")
+        first = [d for _, d in zip(range(64), docs(), strict=False)]
+        basis = TargetBasis.of(tensors, first)
+        eq = NormalEquations(3 * H, H)  # rows [h_t, 0, e] (stage 1) and [0, x_t, e] (stages >= 2)
+        for d in docs():
+            if len(d) < 2:
+                continue
+            h = d.hidden.float()
+            e = basis.embedding[d.input_ids[1:].long()]
+            x_next = basis.state(h[1:])
+            zeros = torch.zeros(len(d) - 1, H)
+            eq.add(torch.cat([self._scaled_input(h[:-1]).float().cpu(), zeros, e], 1), x_next)
+            eq.add(torch.cat([zeros, basis.state(h[:-1]), e], 1), x_next, weight=c.num_heads - 1)
+        sol = eq.solve()
+        P, M, Q = sol[:H].T, sol[H : 2 * H].T, sol[2 * H :].T
+        emb_scale = self.emb_weight * math.sqrt(c.inner / 2)
+        mirror = torch.cat([torch.cat([M, -M], 1), torch.cat([-M, M], 1)], 0)
+        eq_emb = basis.embedding @ Q.T
+        head = basis.head(self.token_map)
+        for i in range(c.num_heads):
+            first_proj = torch.cat([P, -P], 0) if i == 0 else mirror
+            self.proj[i].weight.copy_(first_proj / self.state_weight)
+            self.emb[i].weight.copy_(torch.cat([eq_emb, -eq_emb], 1) / emb_scale)
+            self.head[i].weight.copy_(torch.cat([head, -head], 1))
+            self.ln[i].weight.fill_(1.0)
+            self.ln[i].bias.zero_()
+        return InitReport({"chain": eq.rows}, "final norm" if tensors.norm_scale is not None else "scalar")
 
     def _scaled_input(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self._as_param_dtype(hidden)

@@ -30,6 +30,7 @@ import torch
 from lkspec.drafts import Draft
 from lkspec.errors import LkspecError
 from lkspec.evaluate.samples import Sample
+from lkspec.proposers import NgramSettings, ngram_proposals
 from lkspec.sampling import warp_probs
 from lkspec.targets import Target
 
@@ -85,6 +86,27 @@ class DraftTrace:
         return self.alpha if rule == "sampled" or temperature == 0 else self.alpha_greedy
 
 
+FIELDS = ("q_y", "p_y", "hit", "alpha", "alpha_greedy")
+
+
+@dataclass
+class SampleTraces:
+    """Every proposer along one sample: the drafts', the n-gram lookup's (if asked) and its proposal lengths."""
+
+    drafts: list[DraftTrace]
+    ngram: DraftTrace | None
+    ngram_lengths: np.ndarray  # [n] tokens the n-gram lookup proposes at each round boundary (0: no match)
+    p_seconds: float
+
+
+def combine(ngram: DraftTrace, draft: DraftTrace, lengths: np.ndarray) -> DraftTrace:
+    """`ngram+draft`: the n-gram's positions where it proposes (k <= its length at b), the draft's after them."""
+    k = np.arange(1, ngram.num_heads + 1)[:, None]
+    use = k <= lengths[None, :]
+    parts = [np.where(use, getattr(ngram, f), getattr(draft, f)) for f in FIELDS]
+    return DraftTrace(ngram.n, *parts, seconds=draft.seconds + ngram.seconds)
+
+
 @torch.no_grad()
 def draft_traces(
     drafts: Sequence[Draft],
@@ -96,53 +118,77 @@ def draft_traces(
     top_p: float = 1.0,
     num_heads: int,
     chunk: int = 64,
-) -> tuple[list[DraftTrace], float]:
+    ngram: NgramSettings | None = None,
+) -> SampleTraces:
     """Teacher-forced pass of every draft along one sample; the target's p is computed once and shared.
 
     Works through the anchors `chunk` at a time so no [K, n, V] tensor is ever held (K·n·V floats is
     300 MB for K = 6, n = 256 and a 49k vocabulary). Uses only the `draft(hidden, ids)` contract, so any
-    Draft (also a test's oracle) can be replayed. Returns the traces and the seconds spent on p.
+    Draft (also a test's oracle) can be replayed. With `ngram`, the n-gram lookup's proposals along the
+    sample are scored too (q one-hot on each proposed token; see lkspec.proposers).
     """
     n, K = sample.n, num_heads
     dev = target.device
     hidden = sample.hidden.to(dev)
     ids = sample.draft_ids.to(dev)
     y = sample.response.to(dev)
-    cols = {name: [np.zeros((K, n)) for _ in drafts] for name in ("q_y", "p_y", "hit", "alpha", "alpha_greedy")}
+    cols = {name: [np.zeros((K, n)) for _ in drafts] for name in FIELDS}
     seconds = [0.0] * len(drafts)
     p_seconds = 0.0
+    lengths = np.zeros(n, dtype=np.int64)
+    props = torch.zeros(K, n, dtype=torch.long, device=dev)  # [k-1, b]: n-gram token for response token b+k-1
+    if ngram is not None:
+        t0 = time.perf_counter()
+        ids_list = sample.ids.tolist()
+        for b, prop in enumerate(ngram_proposals(ids_list[: sample.prompt_len], ids_list[sample.prompt_len :], K,
+                                                 ngram)):
+            lengths[b] = len(prop)
+            if prop:
+                props[: len(prop), b] = torch.tensor(prop, device=dev)
+        ngram_s = time.perf_counter() - t0
+    ng = {name: np.zeros((K, n)) for name in FIELDS}
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         hi = min(e + K, n + 1)
         t0 = time.perf_counter()
         p_chunk = warp_probs(target.logits_from_hidden(hidden[s + 1 : hi]), temperature, top_k, top_p)
         p_seconds += time.perf_counter() - t0
-        for d, draft in enumerate(drafts):
+        heads = []
+        for di, draft in enumerate(drafts):
             t0 = time.perf_counter()
-            heads = draft(hidden[None, s:hi], ids[None, s:hi])
-            for k in range(1, K + 1):
-                c = min(e, n - k + 1) - s
-                if c <= 0:
-                    continue
-                q = warp_probs(heads[k - 1][0, :c], temperature, top_k, top_p)
-                p = p_chunk[k - 1 : k - 1 + c]
-                yk = y[s + k - 1 : s + k - 1 + c]
+            heads.append(draft(hidden[None, s:hi], ids[None, s:hi]))
+            seconds[di] += time.perf_counter() - t0
+        for k in range(1, K + 1):  # p and y at the positions head k is tested on, shared by every proposer
+            c = min(e, n - k + 1) - s
+            if c <= 0:
+                continue
+            p = p_chunk[k - 1 : k - 1 + c]
+            yk = y[s + k - 1 : s + k - 1 + c]
+            p_y = p.gather(-1, yk[:, None]).squeeze(-1)
+            if ngram is not None:
+                d = props[k - 1, s : s + c]
+                live = torch.as_tensor(lengths[s : s + c] >= k, device=dev)
+                p_d = torch.where(live, p.gather(-1, d[:, None]).squeeze(-1), 0.0)
+                hit = (live & (d == yk)).float()
+                for name, v in {"q_y": hit, "p_y": p_y, "hit": hit, "alpha": p_d, "alpha_greedy": p_d}.items():
+                    ng[name][k - 1, s : s + c] = v.double().cpu().numpy()
+            for di in range(len(drafts)):
+                t0 = time.perf_counter()
+                q = warp_probs(heads[di][k - 1][0, :c], temperature, top_k, top_p)
                 x_star = q.argmax(-1)
                 stats = {
                     "q_y": q.gather(-1, yk[:, None]).squeeze(-1),
-                    "p_y": p.gather(-1, yk[:, None]).squeeze(-1),
+                    "p_y": p_y,
                     "hit": (x_star == yk).float(),
                     "alpha": torch.minimum(p, q).sum(-1),
                     "alpha_greedy": p.gather(-1, x_star[:, None]).squeeze(-1),
                 }
                 for name, v in stats.items():
-                    cols[name][d][k - 1, s : s + c] = v.double().cpu().numpy()
-            seconds[d] += time.perf_counter() - t0
-    traces = [
-        DraftTrace(n, *(cols[name][d] for name in ("q_y", "p_y", "hit", "alpha", "alpha_greedy")), seconds=seconds[d])
-        for d in range(len(drafts))
-    ]
-    return traces, p_seconds
+                    cols[name][di][k - 1, s : s + c] = v.double().cpu().numpy()
+                seconds[di] += time.perf_counter() - t0
+    traces = [DraftTrace(n, *(cols[name][d] for name in FIELDS), seconds=seconds[d]) for d in range(len(drafts))]
+    ngram_trace = DraftTrace(n, *(ng[name] for name in FIELDS), seconds=ngram_s) if ngram is not None else None
+    return SampleTraces(traces, ngram_trace, lengths, p_seconds)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import numpy as np
 
 from lkspec.evaluate.replay import PromptReplay
 from lkspec.io import atomic_path, write_json
+from lkspec.proposers import NGRAM
 
 RESULTS_FORMAT = "lkspec-eval/1"
 MEAN = "mean"
@@ -115,8 +116,7 @@ class EvalReport:
                         self.rows.append(row)
                     mean_draws = np.mean([draws[(lab, rule, b)] for b in self.benchmarks], axis=0)
                     self.rows.append(self._mean_row(per_bench, mean_draws))
-            base = labels[0]
-            for lab in labels[1:]:
+            for lab, base in self.comparisons():
                 for rule in self.rules:
                     diffs = []
                     for bench in self.benchmarks:
@@ -124,6 +124,15 @@ class EvalReport:
                         diffs.append(d)
                         self.differences.append(self._diff(lab, base, bench, T, rule, d))
                     self.differences.append(self._diff(lab, base, MEAN, T, rule, np.mean(diffs, axis=0)))
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """(challenger, baseline) pairs with a paired difference: every other proposer against the first draft,
+        and every draft (alone or combined) against the n-gram lookup when it was scored."""
+        labels = [lab for lab, _ in self.drafts]
+        pairs = [(lab, labels[0]) for lab in labels[1:] if lab != NGRAM]
+        if NGRAM in labels and labels[0] != NGRAM:
+            pairs += [(lab, NGRAM) for lab in labels if lab != NGRAM]
+        return pairs
 
     def _row(self, lab: str, path: str, bench: str, T: float, rule: str, tot: PromptReplay,
              draws: np.ndarray) -> dict[str, Any]:
@@ -206,15 +215,16 @@ class EvalReport:
                         r = self.row(lab, b, T, rule)
                         cells.append(f"{r['tau']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]")
                 lines.append(f"| {lab} | {rule} | " + " | ".join(cells) + " |")
-        if self.differences:
-            lines += ["", f"## Paired difference in tau vs `{labels[0]}` (same target samples; 95% CI)", "",
+        pairs = self.comparisons()
+        for base in dict.fromkeys(b for _, b in pairs):
+            lines += ["", f"## Paired difference in tau vs `{base}` (same target samples; 95% CI)", "",
                       "| draft | rule | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-            for lab in labels[1:]:
+            for lab in (c for c, b in pairs if b == base):
                 for rule in self.rules:
                     cells = []
                     for T in self.temperatures:
                         for b in benches:
-                            d = self._find_diff(lab, b, T, rule)
+                            d = self.difference(lab, base, b, T, rule)
                             cells.append(f"{d['delta_tau']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
                     lines.append(f"| {lab} | {rule} | " + " | ".join(cells) + " |")
         pos = " | ".join(f"k={i}" for i in range(1, self.k + 1))
@@ -246,11 +256,11 @@ class EvalReport:
                          f"({c.per_draft_s(lab):.1f} s alone)")
         return "\n".join(lines) + "\n"
 
-    def _find_diff(self, lab: str, bench: str, T: float, rule: str) -> dict[str, Any]:
+    def difference(self, lab: str, base: str, bench: str, T: float, rule: str) -> dict[str, Any]:
         for d in self.differences:
-            if (d["draft"], d["benchmark"], d["temperature"], d["rule"]) == (lab, bench, T, rule):
+            if (d["draft"], d["baseline"], d["benchmark"], d["temperature"], d["rule"]) == (lab, base, bench, T, rule):
                 return d
-        raise KeyError((lab, bench, T, rule))
+        raise KeyError((lab, base, bench, T, rule))
 
     def write_markdown(self, path: str | Path) -> Path:
         with atomic_path(path) as tmp:

@@ -20,11 +20,12 @@ from lkspec.config import StrictModel, flag, parse
 from lkspec.data.benchmarks import BENCHMARKS, canonical_name, load_benchmark
 from lkspec.drafts import Draft, check_draft_target, load_draft
 from lkspec.errors import LkspecError
-from lkspec.evaluate.replay import RULES, PromptReplay, check_rule, draft_traces, replay_trace
+from lkspec.evaluate.replay import RULES, PromptReplay, check_rule, combine, draft_traces, replay_trace
 from lkspec.evaluate.report import Cell, Cost, EvalReport
 from lkspec.evaluate.samples import Prompt, SampleSettings, target_samples
+from lkspec.proposers import NGRAM, NgramSettings
 from lkspec.sampling import check_temperature
-from lkspec.targets import Target
+from lkspec.targets import Target, load_target
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class EvalSettings(StrictModel):
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples (over prompts) for the 95% CIs.", **flag())
     use_cache: bool = Field(True, description="Reuse target samples cached in $LKSPEC_CACHE/eval-samples (--no-cache "
                             "regenerates them).", **flag("--cache/--no-cache"))
+    baseline: bool = Field(True, description="Also score the training-free n-gram prompt lookup (row `ngram`) and "
+                           "each draft combined with it (`<draft>+ngram`), paired with every draft.",
+                           **flag("--ngram/--no-ngram"))
+    ngram: NgramSettings = Field(default_factory=NgramSettings)
 
     def checked(self) -> EvalSettings:
         """A normalised copy (canonical benchmark names, sorted unique temperatures); one-line errors otherwise."""
@@ -108,6 +113,10 @@ def load_drafts(paths: Sequence[str | Path], target: Target, labels: Sequence[st
 
 
 def resolve_k(drafts: Sequence[DraftEntry], k: int | None) -> int:
+    if not drafts:
+        if k is None:
+            raise LkspecError("the n-gram lookup alone has no head count; pass --k (e.g. --k 6)")
+        return k
     heads = min(e.draft.num_heads for e in drafts)
     if k is None:
         return heads
@@ -132,15 +141,19 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
              progress: bool = True, prompts: dict[str, list[Prompt]] | None = None) -> EvalReport:
     """Exact tau of every draft on shared target samples (see lkspec.evaluate.replay)."""
     s = settings.checked()
-    if not drafts:
-        raise LkspecError("no draft given; pass one or more draft directories")
+    if not drafts and not s.baseline:
+        raise LkspecError("no draft given; pass one or more draft directories (or keep --ngram to score the n-gram "
+                          "lookup alone)")
     for e in drafts:
         check_draft_target(e.draft.config, target.identity, what=f"draft {e.label!r}")
     K = resolve_k(drafts, s.k)
     prompts = prompts if prompts is not None else benchmark_prompts(target, s.benchmarks, s.limit)
     benchmarks = list(prompts)
-    labels = [e.label for e in drafts]
     models = [e.draft for e in drafts]
+    rows = [(e.label, e.path) for e in drafts]
+    if s.baseline:  # the combinations sit next to their drafts' rows; the n-gram lookup alone comes last
+        rows += [(f"{e.label}+{NGRAM}", f"{e.path}+{NGRAM}") for e in drafts] + [(NGRAM, NGRAM)]
+    labels = [lab for lab, _ in rows]
     cost = Cost(draft_s=dict.fromkeys(labels, 0.0))
     per_prompt: dict[tuple[str, float, str, str], dict[str, PromptReplay]] = {}
     for T in s.temperatures:
@@ -159,9 +172,12 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
                            leave=False)
                 tokens, t0 = 0, time.perf_counter()
                 for sample in bar:
-                    traces, p_s = draft_traces(models, target, sample, temperature=T, top_k=s.top_k, top_p=s.top_p,
-                                               num_heads=K)
-                    cost.target_head_s += p_s
+                    st = draft_traces(models, target, sample, temperature=T, top_k=s.top_k, top_p=s.top_p,
+                                      num_heads=K, ngram=s.ngram if s.baseline else None)
+                    cost.target_head_s += st.p_seconds
+                    traces = list(st.drafts)
+                    if st.ngram is not None:
+                        traces += [combine(st.ngram, tr, st.ngram_lengths) for tr in st.drafts] + [st.ngram]
                     for lab, tr in zip(labels, traces, strict=True):
                         t1 = time.perf_counter()
                         for rule in s.rules:
@@ -174,7 +190,7 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
                 bar.close()
     cells = {key: Cell(list(v.values())) for key, v in per_prompt.items()}
     return EvalReport(
-        target=target.identity.model_dump(), drafts=[(e.label, e.path) for e in drafts], benchmarks=benchmarks,
+        target=target.identity.model_dump(), drafts=rows, benchmarks=benchmarks,
         temperatures=list(s.temperatures), rules=list(s.rules), k=K, max_new_tokens=s.max_new_tokens,
         seeds=list(s.seeds), cells=cells, cost=cost, bootstrap=s.bootstrap,
     )
@@ -184,8 +200,6 @@ def run_eval(target_spec: str, draft_paths: Sequence[str | Path], settings: Eval
              labels: Sequence[str] | None = None, out: str | Path = "results.json", table: str | Path | None = None,
              plot: str | Path | None = None, device: str | None = None, progress: bool = True) -> EvalReport:
     """Everything `lkspec eval` does: load, evaluate, write JSON + markdown + PNG (atomically)."""
-    from lkspec.targets import load_target
-
     out = Path(out)
     if out.suffix != ".json":
         raise LkspecError(f"--out must name a .json file, got {out}")

@@ -83,22 +83,24 @@ class HeadTerm:
 def draft_head_term(name: str, k: int, draft_logits: torch.Tensor, target_logits: torch.Tensor,
                     mask: torch.Tensor | None = None, *, eta: float = 3.0, gamma: float = GAMMA,
                     temperature: float = 1.0, impl: str = "chunked", count: float | None = None,
-                    alpha_mean: AlphaMean | None = None) -> HeadTerm:
+                    alpha_mean: AlphaMean | None = None, target_lse: torch.Tensor | None = None) -> HeadTerm:
     """gamma^(k-1) * loss_k of head k (1-based) and its statistics; `draft_loss` is the sum over heads.
 
     `count` is the denominator of the head's means (default: its selected rows); `alpha_mean` (default:
-    these rows' mean) supplies the batch-mean alpha for losses whose lambda needs one.
+    these rows' mean) supplies the batch-mean alpha for losses whose lambda needs one. `target_lse` [n] is
+    the full-vocabulary normaliser when the logits cover a truncated draft vocabulary (lkspec.losses.kernels).
     """
     loss = get_loss(name)
     if mask is not None:
         draft_logits, target_logits = draft_logits[mask.bool()], target_logits[mask.bool()]
+        target_lse = None if target_lse is None else target_lse[mask.bool()]
     if draft_logits.shape[0] == 0:
         if alpha_mean is not None:
             alpha_mean(draft_logits.new_zeros((), dtype=torch.float32))
         empty = draft_logits.new_zeros(0, dtype=torch.float32)
         # keep the head in the graph (DDP needs every parameter used)
         return HeadTerm(0.0 * draft_logits.sum(), HeadStats(0.0, 0.0, 0.0, 0.0, float("nan")), empty, empty)
-    kl, alpha = token_stats(draft_logits, target_logits, temperature, impl)
+    kl, alpha = token_stats(draft_logits, target_logits, temperature, impl, target_lse)
     a_mean = alpha_mean(alpha.detach().sum()) if alpha_mean is not None else None
     lam_k, loss_k = loss.value(TensorMeans(kl, alpha, count, a_mean), eta)
     stats = HeadStats(count=float(alpha.numel()), alpha_sum=float(alpha.detach().sum()),

@@ -11,6 +11,7 @@ from lkspec.targets.lm_head import LMHead, load_lm_head
 from lkspec.targets.model import (
     Target,
     TargetIdentity,
+    TargetTensors,
     default_device,
     default_dtype,
     load_target,
@@ -41,6 +42,7 @@ __all__ = [
     "LMHead",
     "Target",
     "TargetIdentity",
+    "TargetTensors",
     "_gguf_to_hf_dir",
     "cache_dir",
     "clear_target_cache",

@@ -16,9 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from lkspec.io import read_json
-from lkspec.targets.model import Target, TargetIdentity, load_target, project_hidden, resolve_placement, tokenizer_hash
+from lkspec.targets.model import (
+    Target,
+    TargetIdentity,
+    TargetTensors,
+    final_norm,
+    load_target,
+    norm_scale,
+    project_hidden,
+    resolve_placement,
+    tokenizer_hash,
+)
 from lkspec.targets.resolve import EMBEDDED_NAME
 
 log = logging.getLogger(__name__)
@@ -37,6 +48,7 @@ class LMHead:
     bias: torch.Tensor | None
     config: Any
     tokenizer: Any
+    source: Path | str | None = None  # where the checkpoint is: init_tensors reads more of it on demand
 
     @property
     def hidden_size(self) -> int:
@@ -53,6 +65,30 @@ class LMHead:
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return project_hidden(hidden, self.weight, self.bias, self.config)
+
+    def init_tensors(self) -> TargetTensors:
+        """The input embedding and final-norm scale too, read from the checkpoint (only when a draft starts
+        from the target): the embedding and norm modules are located on the meta device, like the lm_head."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(self.config)
+        params = dict(meta.named_parameters(remove_duplicate=False))
+        emb_names = [n for n, p in params.items() if p is meta.get_input_embeddings().weight]
+        norm = final_norm(meta)
+        norm_names = {n.rsplit(".", 1)[-1]: n for n, p in params.items()
+                      if norm is not None and any(p is q for q in norm.parameters())}
+        weight_map = _weight_map(self.source) if self.source is not None else {}
+        embedding = _read(self.source, weight_map, emb_names, "cpu", torch.float32)
+        scale = None
+        if norm is not None and set(norm_names) == {"weight"}:
+            w = _read(self.source, weight_map, [norm_names["weight"]], "cpu", torch.float32)
+            if w is not None:
+                norm = norm.to_empty(device="cpu").float()
+                norm.weight.data.copy_(w)
+                scale = norm_scale(norm, self.hidden_size)
+        W = self.weight.detach().float().cpu()
+        return TargetTensors(W, embedding if embedding is not None else W, scale)
 
     def to(self, device: str | torch.device) -> LMHead:
         self.weight = self.weight.to(device)
@@ -88,6 +124,30 @@ def _lm_head_tensor_names(config: Any) -> tuple[list[str], list[str]]:
     return weights, biases
 
 
+def _weight_map(source: Path | str) -> dict[str, str]:
+    """{tensor name: file} of a safetensors checkpoint (sharded or single)."""
+    index = _checkpoint_file(source, "model.safetensors.index.json")
+    if index is not None:
+        return dict(read_json(index)["weight_map"])
+    single = _checkpoint_file(source, "model.safetensors")
+    if single is None:
+        raise FileNotFoundError("no safetensors checkpoint")
+    with safe_open(str(single), framework="pt") as f:
+        return dict.fromkeys(f.keys(), "model.safetensors")
+
+
+def _read(source: Path | str | None, weight_map: dict[str, str], names: list[str], device: Any,
+          dtype: torch.dtype) -> torch.Tensor | None:
+    """The first of `names` the checkpoint holds, or None."""
+    for n in names:
+        if source is not None and n in weight_map:
+            path = _checkpoint_file(source, weight_map[n])
+            if path is not None:
+                with safe_open(str(path), framework="pt") as f:
+                    return f.get_tensor(n).to(device=device, dtype=dtype)
+    return None
+
+
 def load_lm_head(
     spec: str | os.PathLike[str] = EMBEDDED_NAME,
     *,
@@ -100,7 +160,6 @@ def load_lm_head(
     projection's tensor cannot be located by name; both results offer `.identity` and
     `.logits_from_hidden`.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
     name, source, dev, dt = resolve_placement(spec, device, dtype)
@@ -108,30 +167,12 @@ def load_lm_head(
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
         weight_names, bias_names = _lm_head_tensor_names(config)
-        index = _checkpoint_file(source, "model.safetensors.index.json")
-        if index is not None:
-            weight_map: dict[str, str] = read_json(index)["weight_map"]
-        else:
-            single = _checkpoint_file(source, "model.safetensors")
-            if single is None:
-                raise FileNotFoundError("no safetensors checkpoint")
-            with safe_open(str(single), framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-
-        def read(names: list[str]) -> torch.Tensor | None:
-            for n in names:
-                if n in weight_map:
-                    path = _checkpoint_file(source, weight_map[n])
-                    if path is not None:
-                        with safe_open(str(path), framework="pt") as f:
-                            return f.get_tensor(n).to(device=dev, dtype=dt)
-            return None
-
-        weight = read(weight_names)
+        weight_map = _weight_map(source)
+        weight = _read(source, weight_map, weight_names, dev, dt)
         if weight is None:
             raise KeyError(f"none of {weight_names} in the checkpoint")
-        bias = read(bias_names) if bias_names else None
+        bias = _read(source, weight_map, bias_names, dev, dt) if bias_names else None
     except (OSError, KeyError, ValueError) as exc:
         log.info("loading the whole target for its lm_head (%s)", exc)
         return load_target(spec, device=dev, dtype=dt)
-    return LMHead(name=name, weight=weight, bias=bias, config=config, tokenizer=tokenizer)
+    return LMHead(name=name, weight=weight, bias=bias, config=config, tokenizer=tokenizer, source=source)

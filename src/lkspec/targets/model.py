@@ -82,6 +82,41 @@ def project_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 @dataclass
+class TargetTensors:
+    """What a target-initialised draft starts from: the target's own token tables and final-norm scale.
+
+    `norm_scale` is g in h = g * x / rms(x) for RMS-style final norms (probed, so variants such as Gemma's
+    1 + w come out right); None for norms with a bias or centring, where only a scalar scale applies.
+    """
+
+    lm_head: torch.Tensor  # [V, H]
+    embedding: torch.Tensor  # [V, H] input embedding
+    norm_scale: torch.Tensor | None  # [H]
+
+
+def final_norm(model: Any) -> torch.nn.Module | None:
+    """The decoder's final norm (the module that makes hidden states post-norm), when it has a usual name."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("norm", "final_layernorm", "ln_f", "final_norm"):
+        module = getattr(decoder, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+@torch.no_grad()
+def norm_scale(norm: torch.nn.Module | None, hidden: int) -> torch.Tensor | None:
+    """g of an RMS-style norm, read off its output on the all-ones vector (rms 1); None when it is not one."""
+    if norm is None or getattr(norm, "bias", None) is not None:
+        return None
+    p = next(norm.parameters(), None)
+    ones = torch.ones(1, hidden, device=p.device if p is not None else "cpu", dtype=p.dtype if p is not None else
+                      torch.float32)
+    g = norm(ones).float()[0].cpu()
+    return g if g.shape == (hidden,) and bool(torch.isfinite(g).all()) else None
+
+
+@dataclass
 class Target:
     """A loaded, frozen target with the handful of operations the pipeline needs."""
 
@@ -112,6 +147,11 @@ class Target:
     @property
     def lm_head(self) -> torch.nn.Linear:
         return self.model.get_output_embeddings()
+
+    def init_tensors(self) -> TargetTensors:
+        return TargetTensors(self.lm_head.weight.detach().float().cpu(),
+                             self.model.get_input_embeddings().weight.detach().float().cpu(),
+                             norm_scale(final_norm(self.model), self.hidden_size))
 
     @cached_property
     def eos_token_ids(self) -> list[int]:

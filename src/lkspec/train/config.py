@@ -42,11 +42,30 @@ class DraftOptions(StrictModel):
                                      **flag())
     num_layers: int | None = Field(None, ge=1, description="MEDUSA: residual blocks per head (default 1).", **flag())
     bias: bool | None = Field(None, description="medusa: biases in the residual blocks")
+    # how the draft starts and which tokens its heads cover (lkspec.drafts.target_init, lkspec.train.vocab)
+    init: Literal["random", "target"] = Field(
+        "random", description="random (the paper's recipe) or target: the target's lm_head and embedding plus "
+        "least-squares state maps fitted on the training features (mlp_speculator needs inner_dim = 2 x hidden).",
+        **flag("--init"))
+    vocab_size: int | None = Field(None, ge=2, description="Truncated draft vocabulary: the heads keep only this "
+                                   "many target tokens (default: all).", **flag("--draft-vocab-size"))
+    vocab_tokens: str | None = Field(None, description="File with the draft vocabulary's token ids (a JSON list or "
+                                     "one per line) instead of choosing them from the training data.")
+    vocab_rank: Literal["mass", "count"] = Field("mass", description="How the kept tokens are chosen: the "
+                                                 "target's probability mass on the training responses, or counts.")
+    freeze: bool = Field(False, description="Keep the vocabulary-sized tensors (heads, token embeddings) fixed: "
+                         "no weight gradients, less compute (meant for init=target).", **flag())
 
-    def options(self) -> dict[str, Any]:
+    def options(self, draft_vocab_size: int | None = None) -> dict[str, Any]:
         """Architecture options the user set (the draft config fills in the rest)."""
         opts = {k: getattr(self, k) for k in ARCH_OPTIONS if getattr(self, k) is not None}
+        if draft_vocab_size is not None:
+            opts["draft_vocab_size"] = draft_vocab_size
         return {"num_heads": self.num_heads, **opts}
+
+    @property
+    def truncated(self) -> bool:
+        return self.vocab_size is not None or self.vocab_tokens is not None
 
     @model_validator(mode="after")
     def _options_fit_arch(self) -> DraftOptions:

@@ -77,6 +77,7 @@ class Trainer:
         self.epoch_stats = EpochStats.empty(self.cfg.draft.num_heads)
         self.metrics = MetricsLog(run / METRICS, enabled=s.ctx.is_main, tensorboard_dir=run / "tb")
         self._heldout_cache: list[Doc] | None = None
+        self.notes = s.notes  # how the draft started; kept in the checkpoint so resumed runs record it too
         if s.resume:
             self._restore()
         else:
@@ -98,6 +99,8 @@ class Trainer:
             with atomic_path(self.run_dir / CONFIG_YAML) as tmp:
                 tmp.write_text(dump_yaml(self.cfg))
         torch.manual_seed(self.cfg.seed)
+        if self.cfg.draft.init == "target":
+            self._evaluate(kind="init")  # what the fitted start predicts before any gradient step
 
     def _restore(self) -> None:
         if self.ctx.is_main:
@@ -111,6 +114,7 @@ class Trainer:
         self.best_tau = state["best_tau"]
         self.last_ckpt_step = state["step"]
         self.epoch_stats = EpochStats.from_state(state)
+        self.notes = state.get("notes", {})
         self.metrics.truncate(state["metrics_offset"])
         restore_rng()
         if self.ctx.is_main:
@@ -239,6 +243,7 @@ class Trainer:
             "data": {"features": str(store.path) or None, "num_docs": plan.num_docs, "num_tokens": plan.num_tokens,
                      "train_docs": len(plan.train_rows), "heldout_docs": len(plan.heldout_rows),
                      "source": store.meta},
+            "draft_start": self.notes,
             "step": self.step,
             "epoch": self.epoch,  # completed epochs
             "batches_done": self.batches_done,  # batches of the current epoch
@@ -290,6 +295,7 @@ class Trainer:
                 "batches_done": self.batches_done, "best_tau": self.best_tau,
                 "metrics_offset": self.metrics.offset(), "config": config_dict(self.cfg),
                 "scheduler": self.s.scheduler.state_dict(), **self.epoch_stats.state(), "world_size": self.ctx.world,
+                "notes": self.notes,
             }
             try:
                 self._guard_write("checkpoint", write_last)

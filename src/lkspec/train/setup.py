@@ -8,6 +8,8 @@ clash), the data, the teacher, then the draft and the optimisation machinery. `S
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,16 +17,17 @@ from typing import Any, Protocol
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from lkspec.data.features import FeatureStore
+from lkspec.data.features import Doc, FeatureStore
 from lkspec.drafts import Draft, build_draft, load_draft
 from lkspec.errors import LkspecError
 from lkspec.io import read_json
-from lkspec.targets import TargetIdentity, load_lm_head
+from lkspec.targets import TargetIdentity, TargetTensors, load_lm_head
 from lkspec.train.batching import DataPlan, DocSource, plan_data, survey
 from lkspec.train.checkpoint import state_dir
 from lkspec.train.config import CONFIG_YAML, TrainConfig, changed_keys, config_dict
 from lkspec.train.distributed import DistContext, shard_draft
 from lkspec.train.step import StepRunner, Teacher, head_modules
+from lkspec.train.vocab import choose_vocab, read_token_list
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ class TeacherHead(Teacher, Protocol):
 
     @property
     def identity(self) -> TargetIdentity: ...
+
+    def init_tensors(self) -> TargetTensors: ...
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     runner: StepRunner
     fsdp: bool
+    notes: dict[str, Any]  # how the draft started (vocabulary coverage, init fit): recorded with the run
 
     @property
     def identity(self) -> TargetIdentity:
@@ -106,11 +112,27 @@ def open_teacher(cfg: TrainConfig, store: DocSource, device: torch.device) -> Te
         ) from None
 
 
-def new_draft(cfg: TrainConfig, identity: TargetIdentity, init_from: str | Path | None = None) -> Draft:
+def draft_vocab_size(cfg: TrainConfig, identity: TargetIdentity) -> int | None:
+    """N of a truncated draft vocabulary (from draft.vocab_size, else the token file's length), or None."""
+    d = cfg.draft
+    if d.vocab_tokens is not None:
+        n = read_token_list(d.vocab_tokens, identity.vocab_size).numel()
+        if d.vocab_size is not None and d.vocab_size != n:
+            raise LkspecError(f"draft.vocab_tokens {d.vocab_tokens} holds {n} ids but draft.vocab_size is "
+                              f"{d.vocab_size}; drop draft.vocab_size or make them agree")
+        return n
+    if d.vocab_size is not None and d.vocab_size > identity.vocab_size:
+        raise LkspecError(f"draft.vocab_size {d.vocab_size} exceeds the target's {identity.vocab_size} tokens; "
+                          f"use a smaller value or leave it unset (full vocabulary)")
+    return d.vocab_size
+
+
+def new_draft(cfg: TrainConfig, identity: TargetIdentity, init_from: str | Path | None = None,
+              vocab: int | None = None) -> Draft:
     """The run's draft: seeded random init, or the weights of `init_from` (same options required)."""
     d = cfg.draft
     draft = build_draft(d.arch, seed=cfg.seed, hidden_size=identity.hidden_size, vocab_size=identity.vocab_size,
-                        **d.options())
+                        **d.options(vocab))
     if init_from is not None:
         src = load_draft(init_from, target=identity)
         if src.config != draft.config:
@@ -121,6 +143,31 @@ def new_draft(cfg: TrainConfig, identity: TargetIdentity, init_from: str | Path 
             )
         draft.load_state_dict(src.state_dict())
     return draft
+
+
+def start_from_data(draft: Draft, cfg: TrainConfig, store: DocSource, plan: DataPlan,
+                    teacher: TeacherHead) -> dict[str, Any]:
+    """Choose the token map and fit a target initialisation on the training split (a new run only)."""
+    def train_docs() -> Iterator[Doc]:
+        return (doc for doc in store.iter_docs(seed=None) if doc.row in plan.train_rows)
+
+    notes: dict[str, Any] = {"init": cfg.draft.init}
+    V = teacher.identity.vocab_size
+    if draft.token_map is not None:
+        choice = choose_vocab(train_docs(), size=draft.config.head_rows, vocab_size=V, rank=cfg.draft.vocab_rank,
+                              teacher=teacher, tokens_file=cfg.draft.vocab_tokens)
+        draft.set_token_map(choice.tokens)
+        notes["vocab"] = {"size": int(choice.tokens.numel()), "rank": cfg.draft.vocab_rank,
+                          "coverage": choice.coverage}
+        log.info("draft vocabulary: %s", choice.describe())
+    if cfg.draft.init == "target":
+        t0 = time.perf_counter()
+        report = draft.init_from_target(teacher.init_tensors(), train_docs)
+        notes["target_init"] = {"rows": report.rows, "norm_scale": report.norm_scale,
+                                "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("target initialisation fitted in %.1f s (%s)", time.perf_counter() - t0,
+                 ", ".join(f"{k}: {v:,} rows" for k, v in report.rows.items()))
+    return notes
 
 
 def scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -149,14 +196,20 @@ def build_setup(config: TrainConfig, run: Path, *, store: DocSource | None, teac
                      heldout_max_docs=cfg.data.heldout_max_docs, batch_size=cfg.data.batch_size,
                      batch_tokens=cfg.data.batch_tokens, where=str(store.path))
     dev = ctx.device
-    draft = new_draft(cfg, teacher.identity, init_from).to(dev)
-    export_draft = new_draft(cfg, teacher.identity)
+    vocab = draft_vocab_size(cfg, teacher.identity)
+    draft = new_draft(cfg, teacher.identity, init_from, vocab)
+    notes = start_from_data(draft, cfg, store, plan, teacher) if not resume and init_from is None else {}
+    if cfg.draft.freeze:
+        for p in draft.vocab_parameters():
+            p.requires_grad_(False)
+    draft = draft.to(dev)
+    export_draft = new_draft(cfg, teacher.identity, vocab=vocab)
     ctx.broadcast_module(draft)
     heads = head_modules(draft)
     fsdp = ctx.active and cfg.parallel == "fsdp"
     if fsdp:
         shard_draft(draft, heads, ctx)
-    params = list(dict.fromkeys(draft.parameters()))
+    params = [p for p in dict.fromkeys(draft.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     use_compile = cfg.compile if cfg.compile is not None else dev.type == "cuda"
@@ -169,4 +222,5 @@ def build_setup(config: TrainConfig, run: Path, *, store: DocSource | None, teac
     )
     return Setup(cfg=cfg, ctx=ctx, resume=resume, store=store, teacher=teacher, plan=plan, draft=draft,
                  export_draft=export_draft, params=params, optimizer=optimizer,
-                 scheduler=scheduler(cfg, optimizer, plan.steps_per_epoch * cfg.epochs), runner=runner, fsdp=fsdp)
+                 scheduler=scheduler(cfg, optimizer, plan.steps_per_epoch * cfg.epochs), runner=runner, fsdp=fsdp,
+                 notes=notes)

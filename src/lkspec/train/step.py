@@ -97,6 +97,11 @@ class StepRunner:
         index = torch.cumsum(needed, 0) - 1
         with torch.no_grad():
             teacher = self.lm_head.logits_from_hidden(hidden[0, needed])  # [M, V] fp32
+            lse = None
+            token_map = self.draft.token_map
+            if token_map is not None:  # a truncated head: its columns, and the full normaliser once
+                lse = torch.logsumexp(teacher / self.temperature, -1)
+                teacher = teacher[:, token_map.to(dev)]
         with torch.set_grad_enabled(backward), self.autocast():
             states = [s[0] for s in self.trunk(hidden, ids)]
         leaves: list[torch.Tensor] = []
@@ -109,6 +114,7 @@ class StepRunner:
                 self.loss.name, k, z, teacher[index[k:][m]], None, eta=self.eta, gamma=self.gamma,
                 temperature=self.temperature, impl=self.impl, count=None if counts is None else counts[k - 1],
                 alpha_mean=None if alpha_means is None else alpha_means[k - 1],
+                target_lse=None if lse is None else lse[index[k:][m]],
             )
             sums.add(k, term.kl, term.alpha, self.eta)
             if backward and (term.alpha.numel() > 0 or self.lockstep):
