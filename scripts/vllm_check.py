@@ -48,7 +48,11 @@ CASES = [
     ("MEDUSA no bias", "medusa", {"bias": False}, "fp32", None),
     ("MEDUSA bias, 3 of 6 heads", "medusa", {"bias": True}, "fp32", 3),
     ("MEDUSA no bias fp16", "medusa", {"bias": False}, "fp16", None),
+    # a truncated draft vocabulary (token map): MLP exported as its exact full-vocabulary twin
+    ("MLP tied, token map", "mlp_speculator", {"inner_dim": 48, "tie_weights": True, "draft_vocab_size": 300},
+     "fp32", None),
 ]
+# (vLLM 0.32 cannot load a token map into untied MEDUSA heads: `lkspec export` refuses that case with a message)
 
 
 def random_draft(arch: str, hidden: int, vocab: int, cfg: dict, seed: int):
@@ -57,6 +61,8 @@ def random_draft(arch: str, hidden: int, vocab: int, cfg: dict, seed: int):
     with torch.no_grad():
         for p in d.parameters():  # MEDUSA starts at identity blocks: give every path non-trivial weights
             p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    if d.token_map is not None:
+        d.set_token_map(torch.randperm(vocab, generator=g)[: d.config.head_rows])
     return d
 
 
@@ -92,8 +98,11 @@ def medusa_heads(model, hidden: torch.Tensor, n: int, vocab: int) -> list[torch.
     return [lg.reshape(B, T, -1)[:, : T - k, :vocab] for k, lg in enumerate(logits, 1)]
 
 
-def rel_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+def rel_gap(a: list[torch.Tensor], b: list[torch.Tensor], cols: torch.Tensor | None = None) -> float:
+    """Max relative logit gap over the heads (over the token map's columns when `cols` is given)."""
     assert len(a) == len(b), (len(a), len(b))
+    if cols is not None:
+        a, b = [x[..., cols] for x in a], [y[..., cols] for y in b]
     return max(((x.double() - y.double()).abs().max() / x.double().abs().max()).item()
                for x, y in zip(a, b, strict=True))
 
@@ -158,8 +167,15 @@ def run_case(label: str, arch: str, cfg: dict, dtype: str, heads: int | None, wo
                       else medusa_heads(model, hidden, n, vocab))
             lk = load_draft(out)(hidden, ids)  # lkspec's import of the same directory
             original = src(hidden, ids)[:n]  # the fp32 draft before export
-    gap = rel_gap(lk, theirs)
-    gap_src = rel_gap(original, theirs)
+    kept = src.token_map  # a truncated source scores only its kept tokens (the rest is -inf / -30000)
+    gap = rel_gap(lk, theirs, kept)
+    gap_src = rel_gap(original, theirs, kept)
+    if kept is not None:  # and every other token must be out of reach in vLLM's heads too
+        off = torch.ones(vocab, dtype=torch.bool)
+        off[kept] = False
+        worst = max(float(t[..., off].max()) for t in theirs)
+        if worst > -1e3:
+            problems.append(f"vLLM gives a token outside the map logit {worst:.3g}")
     tol_src = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 5e-3}[dtype]
     if gap > 1e-5:
         problems.append(f"vLLM vs lkspec import: rel gap {gap:.2e}")

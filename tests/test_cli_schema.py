@@ -10,6 +10,9 @@ from pydantic import Field
 from helpers import run_cli
 from lkspec.cli.schema import command, merged, overrides_from, prefixed, schema_options
 from lkspec.config import StrictModel, flag
+from lkspec.data.features import FeatureOptions
+from lkspec.data.prompts import PromptConfig
+from lkspec.data.regenerate import RegenConfig
 from lkspec.errors import LkspecError
 from lkspec.evaluate.run import EvalSettings
 from lkspec.train.config import TrainConfig
@@ -22,6 +25,13 @@ TRAIN_FLAGS_BEFORE = {
     "--batch-tokens", "--micro-batch-tokens", "--heldout-fraction", "--epochs", "-e", "--max-steps", "--seed",
     "--checkpoint-every", "--log-every", "--precision", "--parallel", "--compile", "--no-compile", "--progress",
     "--no-progress", "--set", "--resume", "--init-from",
+}
+DATA_ALL_FLAGS_BEFORE = {
+    "--out", "--target", "--device", "--backend", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
+    "--gen-batch-size", "--max-prompt-tokens", "--prompts", "--hf-config", "--split", "--prompt-field",
+    "--messages-field", "--response-field", "--id-field", "--ignore-responses", "--strict", "--no-dedupe",
+    "--min-chars", "--max-chars", "--no-shuffle", "--seed", "--limit", "--dtype", "--batch-size", "--shard-tokens",
+    "--max-tokens", "--quiet",
 }
 EVAL_FLAGS_BEFORE = {
     "--target", "--label", "--k", "-k", "--temperature", "-t", "--rule", "--benchmark", "-b", "--limit",
@@ -40,18 +50,22 @@ def _flags(text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--?[a-z][a-z0-9-]*)", text))
 
 
-@pytest.mark.parametrize(("cmd", "model", "before"), [("train", TrainConfig, TRAIN_FLAGS_BEFORE),
-                                                      ("eval", EvalSettings, EVAL_FLAGS_BEFORE)])
-def test_help_shows_the_schema_flags_and_defaults(cmd: str, model: type, before: set[str]) -> None:
-    text = _help(cmd)
+@pytest.mark.parametrize(("cmd", "options", "before"), [
+    (["train"], schema_options(TrainConfig), TRAIN_FLAGS_BEFORE),
+    (["eval"], schema_options(EvalSettings), EVAL_FLAGS_BEFORE),
+    (["data", "all"], merged(schema_options(RegenConfig), schema_options(PromptConfig), schema_options(FeatureOptions)),
+     DATA_ALL_FLAGS_BEFORE),
+])
+def test_help_shows_the_schema_flags_and_defaults(cmd: list[str], options: list, before: set[str]) -> None:
+    text = _help(*cmd)
     shown = _flags(text)
     assert before <= shown, sorted(before - shown)
     lines = text.splitlines()
-    for opt in schema_options(model):
+    for opt in options:
         for decl in (d for part in opt.decls for d in part.split("/")):
             assert decl in shown, decl
-        row = next(line for line in lines if re.search(rf"(?<![\w-]){re.escape(opt.decls[0].split('/')[0])}\b",
-                                                        line))
+        first = re.escape(opt.decls[0].split("/")[0])
+        row = next(line for line in lines if re.search(rf"(?<![\w-]){first}(?![\w-])", line))
         if opt.default is not None:
             assert f"[default: ({opt.default})]" in row, (opt.keys, row)
         else:

@@ -215,3 +215,92 @@ def test_target_init_predicts_better_than_random(tiny_target: Target, arch: str)
     fitted.init_from_target(tiny_target.init_tensors(), lambda: iter(train))
     assert alpha1(fitted) > alpha1(rand) + 0.05, (alpha1(fitted), alpha1(rand))
     assert np.isfinite(alpha1(fitted))
+
+
+@pytest.mark.parametrize("name", ["kl", "lk_alpha"])
+def test_truncated_step_runner_equals_the_plain_truncated_loss(tiny_target: Target, name: str) -> None:
+    """Packed, windowed micro-batches with a token map give the gradient of the plain per-document loss
+    over the kept columns (alpha with the full target normaliser, KL against the renormalised p~)."""
+    from lkspec.alignment import head_mask
+    from lkspec.losses import draft_head_term
+    from lkspec.train.step import StepRunner, head_modules
+
+    H, V = tiny_target.hidden_size, tiny_target.vocab_size
+    draft = build_draft("mlp_speculator", seed=1, hidden_size=H, vocab_size=V, num_heads=3, inner_dim=16,
+                        draft_vocab_size=V // 2)
+    draft.set_token_map(torch.randperm(V, generator=torch.Generator().manual_seed(0))[: V // 2])
+    docs = _docs(tiny_target, n=6, length=30)
+    keep = draft.token_map
+    terms, counts = [], [0.0] * 3
+    for d in docs:
+        for k in range(1, 4):
+            counts[k - 1] += float(head_mask(d.loss_mask[None], k).sum())
+    for d in docs:
+        h, ids = d.hidden.float()[None], d.input_ids[None]
+        states = draft.head_states(h, ids)
+        full = tiny_target.logits_from_hidden(h[0])
+        for k in range(1, 4):
+            m = head_mask(d.loss_mask[None], k)[0]
+            z = states[k - 1][0][m] @ draft.head_weight(k).T
+            idx = torch.arange(len(d) - k)[m] + k
+            terms.append(draft_head_term(name, k, z, full[idx][:, keep], count=counts[k - 1],
+                                         target_lse=torch.logsumexp(full[idx], -1)).loss)
+    sum(terms).backward()
+    ref = {n: p.grad.clone() for n, p in draft.named_parameters()}
+    draft.zero_grad(set_to_none=True)
+    runner = StepRunner(draft, tiny_target, head_modules(draft), loss=name, eta=3.0, gamma=0.8, temperature=1.0,
+                        impl="chunked", micro_batch_tokens=24)
+    runner.accumulate(runner.pack(docs))
+    for n, p in draft.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=2e-4, atol=2e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------------------------
+# token maps on disk: lkspec's own directories keep them; exports express them or say why not
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["mlp_speculator", "medusa"])
+def test_token_map_survives_save_and_load(tmp_path, arch: str) -> None:
+    from lkspec.drafts import load_draft
+
+    target = make_small_vocab_target()
+    d = truncated_draft(target, arch)
+    back = load_draft(d.save(tmp_path / "d", target=target.identity), target=target.identity)
+    assert back.config == d.config and torch.equal(back.token_map, d.token_map)
+    h, ids = torch.randn(1, 7, target.hidden_size), torch.randint(0, target.vocab_size, (1, 7))
+    for x, y in zip(d(h, ids), back(h, ids), strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_truncated_mlp_exports_as_its_exact_full_vocabulary_twin(tmp_path) -> None:
+    """vLLM's MLPSpeculator has no token map: the export widens the stage by one constant channel that gives
+    every token outside the map a -30000 logit, and the export loads back with the kept logits unchanged."""
+    from lkspec.drafts import load_draft
+    from lkspec.export import export_draft
+
+    target = make_small_vocab_target()
+    d = truncated_draft(target, "mlp_speculator")
+    run = d.save(tmp_path / "run", target=target.identity)
+    res = export_draft(run, tmp_path / "out", dtype="fp32", base_model="test/small")
+    back = load_draft(tmp_path / "out")
+    assert back.token_map is None and back.config.inner == d.config.inner + 1
+    assert res.config["inner_dim"] == d.config.inner + 1
+    h, ids = torch.randn(2, 8, target.hidden_size), torch.randint(0, target.vocab_size, (2, 8))
+    kept, off = d.token_map, torch.tensor([1, 5])
+    for x, y in zip(d(h, ids), back(h, ids), strict=True):
+        torch.testing.assert_close(y[..., kept], x[..., kept], rtol=1e-5, atol=1e-5)
+        assert (y[..., off] <= -1e4).all()
+    prov = __import__("json").loads((tmp_path / "out" / "provenance.json").read_text())
+    assert prov["export"]["full_vocab_expansion"]["max_kept_logit_gap"] < 1e-4
+
+
+def test_truncated_medusa_has_no_vllm_layout_and_says_what_serves_it(tmp_path) -> None:
+    from lkspec.errors import NoServedLayoutError
+    from lkspec.export import export_draft
+
+    target = make_small_vocab_target()
+    run = truncated_draft(target, "medusa").save(tmp_path / "run", target=target.identity)
+    with pytest.raises(NoServedLayoutError) as err:
+        export_draft(run, tmp_path / "out", dtype="fp32", base_model="test/small")
+    msg = str(err.value)
+    assert "\n" not in msg and "lkspec generate" in msg and "vocab_size" in msg
+    assert not (tmp_path / "out").exists()

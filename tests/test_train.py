@@ -324,11 +324,11 @@ def test_full_disk_keeps_previous_checkpoint(tiny_target: Target, tiny_target_di
     real = ckpt.save_tensors
     calls = {"n": 0}
 
-    def flaky(path: Any, tensors: Any, metadata: Any = None) -> None:
+    def flaky(path: Any, tensors: Any, metadata: Any = None, **kw: Any) -> None:
         calls["n"] += 1
         if calls["n"] > 3:  # the first checkpoint writes 3 files; the second one hits a full disk
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, tensors, metadata)
+        real(path, tensors, metadata, **kw)
 
     monkeypatch.setattr(ckpt, "save_tensors", flaky)
     run = tmp_path / "run"

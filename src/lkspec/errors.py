@@ -7,3 +7,7 @@ say what is wrong *and* what to do about it.
 
 class LkspecError(ValueError):
     """A user-fixable problem; the message names the fix."""
+
+
+class NoServedLayoutError(LkspecError):
+    """The draft is valid but the requested serving layout cannot express it (the message says what can)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lkspec.errors import LkspecError
@@ -68,21 +69,44 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     return json.loads(Path(path).read_text())
 
 
+ALIASES_KEY = "lkspec_aliases"  # safetensors metadata: {name: name it shares storage with}
+
+
 def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
-                 metadata: dict[str, str] | None = None) -> None:
-    """safetensors refuses tensors that share storage, so every tensor is written as its own copy."""
+                 metadata: dict[str, str] | None = None, *, dedupe: bool = False) -> None:
+    """safetensors refuses tensors that share storage: by default every tensor is written as its own copy
+    (what other loaders expect); with `dedupe`, a tensor that *is* an earlier one (tied weights) is written
+    once and recorded as an alias, which `load_tensors` restores."""
     flat: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    aliases: dict[str, str] = {}
     for k, v in tensors.items():
-        ptr = v.untyped_storage().data_ptr()
-        flat[k] = v.detach().contiguous().clone() if ptr in seen else v.detach().contiguous()
-        seen.add(ptr)
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen and dedupe:
+            aliases[k] = seen[key]
+            continue
+        flat[k] = v.detach().contiguous().clone() if key in seen else v.detach().contiguous()
+        seen.setdefault(key, k)
+    meta = dict(metadata or {})
+    if aliases:
+        meta[ALIASES_KEY] = json.dumps(aliases)
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+        save_file(flat, str(tmp), metadata=meta or None)
+        os.chmod(tmp, 0o666 & ~_umask())  # save_file recreates the file owner-only: give the usual mode back
+
+
+def tensor_aliases(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The aliases `save_tensors(dedupe=True)` recorded in a file (empty for any other safetensors file)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return dict(json.loads(meta[ALIASES_KEY])) if ALIASES_KEY in meta else {}
 
 
 def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+    out = load_file(str(path), device=str(device))
+    for name, same in tensor_aliases(path).items():
+        out[name] = out[same]
+    return out
 
 
 @contextlib.contextmanager

@@ -19,13 +19,13 @@ import yaml
 from pydantic import Field, model_validator
 
 from lkspec.config import StrictModel, changed_keys, flatten, layered, parse
-from lkspec.data import DEFAULT_SHARD_TOKENS
-from lkspec.data.features import FeatureStore, OnlineFeatures
+from lkspec.data.combined import CombinedSource
+from lkspec.data.features import FeatureOptions, FeatureStore, OnlineFeatures
 from lkspec.data.pipeline import run_all
 from lkspec.data.prompts import PromptConfig, load_prompts, write_prompts_jsonl
 from lkspec.data.regenerate import RegenConfig, regenerate
-from lkspec.drafts import load_draft
-from lkspec.errors import LkspecError
+from lkspec.drafts import DRAFTS, load_draft
+from lkspec.errors import LkspecError, NoServedLayoutError
 from lkspec.evaluate.run import DraftEntry, EvalSettings, evaluate
 from lkspec.export.exporter import export_draft
 from lkspec.io import read_json, write_json
@@ -37,21 +37,26 @@ from lkspec.train.checkpoint import state_dir
 log = logging.getLogger(__name__)
 
 RECORD = "pipeline.json"
-ARCH_SHORT = {"mlp_speculator": "mlp", "medusa": "medusa"}
 
 
-class FeatureOptions(StrictModel):
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    batch_size: int = Field(8, ge=1, description="documents per teacher-forced forward pass")
-    shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="token budget")
-    online: bool = Field(False, description="compute hidden states on the fly instead of caching them on disk")
+class DataPart(StrictModel):
+    """More training documents: other prompts, and/or the target answering at another temperature."""
+
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    regenerate: RegenConfig = Field(default_factory=RegenConfig)
 
 
 class DataSection(StrictModel):
     prompts: PromptConfig = Field(default_factory=PromptConfig)
     regenerate: RegenConfig = Field(default_factory=RegenConfig)
     features: FeatureOptions = Field(default_factory=FeatureOptions)
+    extra: list[DataPart] = Field(default_factory=list, description=(
+        "further prompt sets / sampling settings (each in data/extra-N); training reads all parts as one set"))
+
+    def parts(self) -> list[tuple[str, PromptConfig, RegenConfig]]:
+        """(folder under data/, prompts, regeneration) of every part, the main one first."""
+        return [("", self.prompts, self.regenerate),
+                *((f"extra-{i}", p.prompts, p.regenerate) for i, p in enumerate(self.extra, 1))]
 
 
 class ExportOptions(StrictModel):
@@ -66,7 +71,8 @@ class PipelineConfig(StrictModel):
     name: str = "lkspec"
     target: str = "smollm2-135m-instruct"
     device: str | None = None
-    archs: list[Literal["mlp_speculator", "medusa"]] = Field(default_factory=lambda: ["mlp_speculator"])
+    archs: list[str] = Field(default_factory=lambda: ["mlp_speculator"], description="draft architectures "
+                             "(the registry lkspec.drafts.DRAFTS)")
     losses: list[str] = Field(default_factory=lambda: [BASELINE_LOSS, DEFAULT_LOSS],
                               description="one training run per (arch, loss); the first loss is the baseline")
     arch_options: dict[str, dict[str, Any]] = Field(default_factory=dict,
@@ -89,8 +95,11 @@ class PipelineConfig(StrictModel):
             if key in self.train:
                 raise ValueError(f"train.{key} is set by the pipeline; remove it (use the top-level target)")
         for arch in self.arch_options:
-            if arch not in ("mlp_speculator", "medusa"):
-                raise ValueError(f"arch_options has unknown architecture {arch!r}")
+            if arch not in DRAFTS:
+                raise ValueError(f"arch_options has unknown architecture {arch!r}; choose from {', '.join(DRAFTS)}")
+        for arch in self.archs:
+            if arch not in DRAFTS:
+                raise ValueError(f"unknown architecture {arch!r} in archs; choose from {', '.join(DRAFTS)}")
         for arch in self.archs:  # every run's training config must parse now, not hours later
             for loss in self.losses:
                 self.train_config(arch, loss, Path("."))
@@ -99,7 +108,7 @@ class PipelineConfig(StrictModel):
 
     def run_names(self) -> list[tuple[str, str, str]]:
         """(name, arch, loss) of every training run, baseline loss first within each arch."""
-        return [(f"{ARCH_SHORT[a]}-{loss}", a, loss) for a in self.archs for loss in self.losses]
+        return [(f"{DRAFTS[a].short}-{loss}", a, loss) for a in self.archs for loss in self.losses]
 
     def train_config(self, arch: str, loss: str, out: Path) -> Any:
         overrides = {
@@ -138,6 +147,7 @@ class PipelineResult:
     times: list[StageTime] = field(default_factory=list)
     draft_params: dict[str, int] = field(default_factory=dict)
     data_stats: dict[str, Any] = field(default_factory=dict)
+    not_exported: dict[str, str] = field(default_factory=dict)  # run name -> why its layout cannot hold it
 
 
 def _check_record(out: Path, cfg: PipelineConfig) -> None:
@@ -175,17 +185,19 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
 
     t = stage(2, "data: prompts -> target-regenerated responses -> hidden-state features")
     f = cfg.data.features
-    feature_kw: dict[str, Any] = {"dtype": f.dtype, "batch_size": f.batch_size, "shard_tokens": f.shard_tokens,
-                                  "max_tokens": f.max_tokens}
-    if f.online:
-        ps = load_prompts(cfg.data.prompts)
-        write_prompts_jsonl(ps, out / "data" / "prompts.jsonl")
-        regenerate(target, ps, out / "data" / "tokens", cfg.data.regenerate, progress=progress)
-        store: Any = OnlineFeatures(target, out / "data" / "tokens", **feature_kw)
-    else:
-        paths = run_all(lambda _stage: target, cfg.data.prompts, cfg.data.regenerate, out / "data",
-                        progress=progress, **feature_kw)
-        store = FeatureStore(paths["features"])
+    feature_kw = f.extract_kwargs()
+    sources: list[Any] = []
+    for folder, prompts, regen in cfg.data.parts():
+        where = out / "data" / folder if folder else out / "data"
+        if f.online:
+            ps = load_prompts(prompts)
+            write_prompts_jsonl(ps, where / "prompts.jsonl")
+            regenerate(target, ps, where / "tokens", regen, progress=progress)
+            sources.append(OnlineFeatures(target, where / "tokens", **feature_kw))
+        else:
+            paths = run_all(lambda _stage: target, prompts, regen, where, progress=progress, **feature_kw)
+            sources.append(FeatureStore(paths["features"]))
+    store: Any = sources[0] if len(sources) == 1 else CombinedSource(sources)
     res.data_stats = {"docs": store.num_docs, "tokens": store.num_tokens, "loss_tokens": store.num_loss_tokens}
     res.times.append(StageTime("data", time.perf_counter() - t,
                                f"{store.num_docs} responses, {store.num_tokens:,} tokens"))
@@ -208,7 +220,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     groups: dict[str, list[DraftEntry]] = {}
     for name, arch, _ in runs:  # paired comparison within an architecture: baseline loss first
         draft = load_draft(res.runs[name], target=target.identity, device=target.device).eval()
-        groups.setdefault(ARCH_SHORT[arch], []).append(DraftEntry(name, str(res.runs[name]), draft))
+        groups.setdefault(DRAFTS[arch].short, []).append(DraftEntry(name, str(res.runs[name]), draft))
     for short, group in groups.items():
         report = evaluate(target, group, cfg.eval, progress=progress)
         stem = out / "eval" / short
@@ -226,8 +238,14 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     t = stage(n_stages, f"export ({cfg.export.format} layout, {cfg.export.dtype}) with model cards")
     for name, run_dir in res.runs.items():
         dst = out / "export" / name
-        export_draft(run_dir, dst, dtype=cfg.export.dtype, fmt=cfg.export.format, base_model=cfg.export.base_model,
-                     eval_results=res.results[name], eval_draft=name, overwrite=True)
+        try:
+            export_draft(run_dir, dst, dtype=cfg.export.dtype, fmt=cfg.export.format,
+                         base_model=cfg.export.base_model, eval_results=res.results[name], eval_draft=name,
+                         overwrite=True)
+        except NoServedLayoutError as exc:  # e.g. a token-map MEDUSA: the draft stays usable with lkspec generate
+            log.warning("not exported: %s", exc)
+            res.not_exported[name] = str(exc)
+            continue
         res.exports[name] = dst
     res.times.append(StageTime("export", time.perf_counter() - t, f"{len(res.exports)} drafts"))
     return res

@@ -51,7 +51,8 @@ def plan(cfg: PipelineConfig) -> list[str]:
         size = ""
         if shapes is not None:
             with torch.device("meta"):
-                d = build_draft(arch, hidden_size=shapes[0], vocab_size=shapes[1], **t.draft.options())
+                d = build_draft(arch, hidden_size=shapes[0], vocab_size=shapes[1],
+                                **t.draft.options(t.draft.vocab_size, shapes[0]))
             size = f", {d.num_parameters() / 1e6:.0f}M parameters"
         steps = ""
         if p.limit:
@@ -82,6 +83,9 @@ def miniature(cfg: PipelineConfig, stand_in: str) -> PipelineConfig:
                        response_field=None, id_field=None)
     prompts["limit"] = 8
     data["data"]["regenerate"].update(backend="hf", max_new_tokens=16, batch_size=8)
+    for part in data["data"]["extra"]:
+        part["prompts"]["limit"] = 8
+        part["regenerate"].update(backend="hf", max_new_tokens=16, batch_size=8)
     data["data"]["features"].update(max_tokens=None)
     for opts in data["arch_options"].values():
         if opts.get("inner_dim"):

@@ -17,8 +17,10 @@ from lkspec.evaluate.report import MEAN
 from lkspec.io import atomic_path
 from lkspec.losses import get_loss
 from lkspec.pipeline import PipelineResult
+from lkspec.proposers import NGRAM
 from lkspec.train.metrics import read_metrics
 
+EVAL_KINDS = ("init", "epoch", "stop")  # metrics.jsonl records with a held-out evaluation
 EPS = 1e-9  # bootstrap bounds of identical drafts differ from zero by rounding only
 NIL = 0.01  # tokens: a tau difference this small is no speed-up anyone can measure in serving
 
@@ -28,11 +30,19 @@ def machine() -> str:
             f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
-def verdict(report: Any, T: float, rule: str) -> list[str]:
-    """One line per challenger: the mean paired difference and whether its 95% CI excludes zero."""
+def verdict(report: Any, T: float, rule: str, against: str | None = None,
+            challengers: set[str] | None = None) -> list[str]:
+    """One line per challenger: the mean paired difference and whether its 95% CI excludes zero.
+
+    `against`: the baseline (default: the first draft, the loss baseline); `challengers`: which rows to
+    compare with it (default: every row that has a difference against it).
+    """
+    base_label = against or report.drafts[0][0]
     lines = []
     for d in report.differences:
-        if d["benchmark"] != MEAN or d["temperature"] != T or d["rule"] != rule:
+        if d["benchmark"] != MEAN or d["temperature"] != T or d["rule"] != rule or d["baseline"] != base_label:
+            continue
+        if challengers is not None and d["draft"] not in challengers:
             continue
         lo, hi = d["ci95"]
         base = report.row(d["baseline"], MEAN, T, rule)["tau"]
@@ -40,9 +50,9 @@ def verdict(report: Any, T: float, rule: str) -> list[str]:
         if hi - lo < NIL and abs(d["delta_tau"]) < NIL / 2:
             word = f"practically identical (the whole 95% CI is within {NIL} tokens)"
         elif lo > EPS:
-            word = "LK better: the 95% CI excludes zero"
+            word = "better: the 95% CI excludes zero"
         elif hi < -EPS:
-            word = "LK worse: the 95% CI excludes zero"
+            word = "worse: the 95% CI excludes zero"
         else:
             word = "no significant difference at this scale (the 95% CI contains zero)"
         lines.append(f"- T={T:g}, {rule} drafts: `{d['draft']}` − `{d['baseline']}` = {d['delta_tau']:+.4f} tokens "
@@ -61,7 +71,7 @@ def plot_metrics(runs: dict[str, Path], path: Path) -> Path:
     for i, (name, run) in enumerate(runs.items()):
         recs = read_metrics(run / "metrics.jsonl")
         steps = [r for r in recs if r.get("kind") == "step"]
-        evals = [r for r in recs if r.get("kind") in ("epoch", "stop") and r.get("heldout")]
+        evals = [r for r in recs if r.get("kind") in EVAL_KINDS and r.get("heldout")]
         c = f"C{i}"
         if steps:
             axes[0].plot([r["step"] for r in steps], [r["train"]["tau"] for r in steps], color=c, alpha=0.8,
@@ -85,7 +95,7 @@ def plot_metrics(runs: dict[str, Path], path: Path) -> Path:
 
 
 def _heldout(run: Path) -> tuple[int, float | None, list[float]]:
-    recs = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") in ("epoch", "stop")]
+    recs = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") in EVAL_KINDS]
     if not recs:
         return 0, None, []
     best = max(recs, key=lambda r: (r.get("heldout") or r["train"])["tau"])
@@ -104,15 +114,15 @@ def write_report(res: PipelineResult, *, command: str, total_s: float, title: st
         "",
         f"Command: `{command}` — machine: {machine()} — total {total_s / 60:.1f} min.",
         "",
-        f"Target `{cfg.target}`; training data: {ds.get('docs')} prompts from `{cfg.data.prompts.source}` answered "
-        f"by the target itself (T = {cfg.data.regenerate.temperature:g}, at most "
-        f"{cfg.data.regenerate.max_new_tokens} new tokens): {ds.get('tokens', 0):,} tokens, "
-        f"{ds.get('loss_tokens', 0):,} response tokens trained on.",
+        f"Target `{cfg.target}`; training data: {ds.get('docs')} responses ("
+        + "; ".join(f"{p.limit or 'all'} prompts from `{p.source}` (seed {p.seed}) answered by the target itself at "
+                    f"T = {r.temperature:g}, at most {r.max_new_tokens} new tokens" for _, p, r in cfg.data.parts())
+        + f"): {ds.get('tokens', 0):,} tokens, {ds.get('loss_tokens', 0):,} response tokens trained on.",
         "",
     ]
     for short, report in res.reports.items():
-        names = [lab for lab, _ in report.drafts]
-        lines += [f"## {short}: {' vs '.join(f'`{n}`' for n in names)}", ""]
+        names = [lab for lab, _ in report.drafts if lab in res.runs]
+        lines += [f"## {short}: {' vs '.join(f'`{lab}`' for lab, _ in report.drafts)}", ""]
         for name in names:
             run = res.runs[name]
             step, tau, alpha = _heldout(run)
@@ -125,17 +135,16 @@ def write_report(res: PipelineResult, *, command: str, total_s: float, title: st
                          + f"; {train.epochs} epochs × batch {train.data.batch_size}, lr {train.optim.lr:g}, seed "
                          f"{train.seed}; selected at step {step}: held-out simulated tau {tau:.3f}, alpha per head {a}")
         lines += ["", "### Verdict (mean over benchmarks, paired on the same target samples)", ""]
-        for T in report.temperatures:
-            for rule in report.rules:
-                if T == 0 and rule != report.rules[0]:
-                    continue  # both rules coincide at T = 0
-                lines += verdict(report, T, rule)
+        lines += verdicts(report, names)
         lines += ["", report.markdown().replace("\n## ", "\n### "), f"![acceptance](eval/{short}.png)", ""]
     lines += ["## Training curves", "", "![metrics](metrics.png)", "",
               "## Exported drafts (vLLM layout + model card)", ""]
     for name, path in res.exports.items():
         lines.append(f"- `{name}`: `{path.relative_to(out)}/` (config.json, model.safetensors, README.md, "
                      f"provenance.json)")
+    for name, why in res.not_exported.items():
+        lines.append(f"- `{name}`: not exported ({why}); its run directory `runs/{name}` serves with "
+                     f"`lkspec generate`")
     lines += ["", "## Stage timings", "", "| stage | seconds | note |", "|---|---|---|"]
     for st in res.times:
         lines.append(f"| {st.name} | {st.seconds:.1f} | {st.note} |")
@@ -161,10 +170,27 @@ def summary_table(res: PipelineResult) -> str:
                     r = report.row(lab, MEAN, T, rule)
                     cells.append(f"{r['tau']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]")
                 lines.append(f"| {lab} | {rule} | " + " | ".join(cells) + " |")
-        for T in temps:
+        lines += verdicts(report, [lab for lab, _ in report.drafts if lab != NGRAM and not lab.endswith("+" + NGRAM)])
+        lines.append("")
+    return "\n".join(lines)
+
+
+def verdicts(report: Any, names: list[str]) -> list[str]:
+    """The loss comparison (every trained draft against the first) and, when it was scored, every draft and
+    its n-gram combination against the training-free n-gram lookup."""
+    labels = {lab for lab, _ in report.drafts}
+    lines: list[str] = []
+    for T in report.temperatures:
+        for rule in report.rules:
+            if T == 0 and rule != report.rules[0]:
+                continue  # both rules coincide at T = 0
+            lines += verdict(report, T, rule, against=names[0], challengers=set(names[1:]))
+    if NGRAM in labels:
+        lines += ["", f"Against the n-gram lookup (`{NGRAM}`, no training):", ""]
+        combos = {f"{n}+{NGRAM}" for n in names} & labels
+        for T in report.temperatures:
             for rule in report.rules:
                 if T == 0 and rule != report.rules[0]:
                     continue
-                lines += verdict(report, T, rule)
-        lines.append("")
-    return "\n".join(lines)
+                lines += verdict(report, T, rule, against=NGRAM, challengers=set(names) | combos)
+    return lines

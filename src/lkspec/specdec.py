@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from lkspec.drafts import Draft, check_draft_target
+from lkspec.data.benchmarks import load_benchmark
+from lkspec.drafts import Draft, check_draft_target, load_draft
 from lkspec.errors import LkspecError
 from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
 from lkspec.sampling import check_temperature, sample, warp_probs
-from lkspec.targets import Target
+from lkspec.targets import Target, load_target
 
 GEN_RULES = ("sampled", "greedy")
 
@@ -283,10 +284,6 @@ def run_generate(
     echo: Callable[..., None] = print,
 ) -> list[GenerationResult]:
     """What `lkspec generate` does: stream each prompt's speculative output, then tau and speed vs the target."""
-    from lkspec.data.benchmarks import load_benchmark
-    from lkspec.drafts import load_draft
-    from lkspec.targets import load_target
-
     check_temperature(temperature)
     if rule not in GEN_RULES:
         raise LkspecError(f"unknown acceptance rule {rule!r}; choose from {', '.join(GEN_RULES)}")

@@ -27,12 +27,14 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from lkspec.config import StrictModel, flag
 from lkspec.data import DEFAULT_SHARD_TOKENS
 from lkspec.data.online import OnlineFeatures
 from lkspec.data.plan import estimate_bytes, forward_docs, plan_shards, row_lengths, tokens_source
@@ -52,6 +54,23 @@ log = logging.getLogger(__name__)
 
 FORMAT = "lkspec-features/1"
 INDEX = "index.json"
+
+
+class FeatureOptions(StrictModel):
+    """How features are extracted (and, in a pipeline, whether they are cached at all)."""
+
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Storage dtype of the hidden states: bfloat16, float16 or float32 (16-bit halves "
+        "the disk).", **flag())
+    batch_size: int = Field(8, ge=1, description="Documents per teacher-forced forward pass.", **flag())
+    shard_tokens: int = Field(DEFAULT_SHARD_TOKENS, ge=1, description="Tokens per shard file (a shard is the unit "
+                              "of resume and of shuffling).", **flag())
+    max_tokens: int | None = Field(None, ge=1, description="Token budget: stop after about this many tokens (rows "
+                                   "in dataset order).", **flag())
+    online: bool = Field(False, description="compute hidden states on the fly instead of caching them on disk")
+
+    def extract_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"online"})
 
 
 class FeatureStore(ShardedDocs):

@@ -32,7 +32,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from lkspec import __version__
-from lkspec.config import StrictModel
+from lkspec.config import StrictModel, flag
 from lkspec.data.backends import (
     VLLM_INSTALL,
     Generated,
@@ -66,14 +66,19 @@ RESUME_KEYS = ("backend", "max_new_tokens", "temperature", "top_k", "top_p", "se
 class RegenConfig(StrictModel):
     """How the target answers. `top_k` / `top_p` left unset come from the target's generation config."""
 
-    backend: Literal["hf", "vllm"] = "hf"
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    batch_size: int = Field(16, ge=1)
-    seed: int = 0
-    max_prompt_tokens: int = Field(2048, ge=1)
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend: 'hf' (batched transformers "
+                                           "generate) or 'vllm' (needs vLLM installed; the HF copy then stays on "
+                                           "CPU).", **flag())
+    max_new_tokens: int = Field(256, ge=1, description="Longest response; longer ones are cut there.", **flag())
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy).", **flag())
+    top_k: int | None = Field(None, ge=0, description="Top-k (0 = off; default: the target's generation config, "
+                              "else off).", **flag())
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Top-p (default: the target's generation config, "
+                                "else 1).", **flag())
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call (sorted by length).",
+                            **flag("--gen-batch-size"))
+    seed: int = Field(0, description="Seed of the prompt shuffle and of response sampling.", **flag())
+    max_prompt_tokens: int = Field(2048, ge=1, description="Skip (and count) prompts longer than this.", **flag())
 
 
 def resolve_sampling(target: Target, cfg: RegenConfig) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from lkspec.drafts.checkpoint import Checkpoint, load_draft, read_checkpoint, re
 from lkspec.drafts.medusa import Medusa, MedusaConfig
 from lkspec.drafts.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 
-DEFAULT_ETA = {"mlp_speculator": 3.0, "medusa": 10.0}
+DEFAULT_ETA = {arch: cls.default_eta for arch, cls in DRAFTS.items()}
 """The paper's eta for L^lambda per architecture (MEDUSA's acceptance rises slower, so it moves to TV sooner)."""
 
 __all__ = [

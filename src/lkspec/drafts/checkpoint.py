@@ -43,7 +43,7 @@ from lkspec.drafts.vllm_names import (
     tied_source,
 )
 from lkspec.errors import LkspecError
-from lkspec.io import read_json
+from lkspec.io import read_json, tensor_aliases
 from lkspec.targets import TargetIdentity
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,8 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
         files = weight_files(d, only=WEIGHTS_FILE) if weights else []
         scan = _scan(files)
         plan = _Plan(config.arch, config.model_dump(), {k: (f, k) for k, (f, _) in scan.items()}, layout="lkspec")
+        for f in files:  # tied tensors stored once (Draft.save): read through their aliases
+            plan.aliases.update({k: v for k, v in tensor_aliases(f).items() if v in plan.sources})
         target = meta.get("target")
     else:
         arch = _arch_of(raw, d)

@@ -58,6 +58,8 @@ class MedusaHead(nn.Module):
 class Medusa(Draft):
     arch = "medusa"
     config_cls = MedusaConfig
+    short = "medusa"
+    default_eta = 10.0
     config: MedusaConfig
 
     def __init__(self, config: MedusaConfig) -> None:

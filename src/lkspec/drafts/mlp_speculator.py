@@ -68,6 +68,8 @@ class RMSNormAffine(nn.Module):
 class MLPSpeculator(Draft):
     arch = "mlp_speculator"
     config_cls = MLPSpeculatorConfig
+    short = "mlp"
+    default_eta = 3.0
     config: MLPSpeculatorConfig
 
     def __init__(self, config: MLPSpeculatorConfig) -> None:
@@ -100,6 +102,10 @@ class MLPSpeculator(Draft):
             elif isinstance(m, RMSNormAffine) and m.weight is not None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    @classmethod
+    def target_init_defaults(cls, hidden_size: int) -> dict[str, Any]:
+        return {"inner_dim": 2 * hidden_size}  # the mirrored linear start (init_from_target)
 
     def vocab_parameters(self) -> list[nn.Parameter]:
         return list(dict.fromkeys([*(e.weight for e in self.emb), *(h.weight for h in self.head)]))

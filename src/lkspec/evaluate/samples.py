@@ -34,6 +34,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from lkspec.config import StrictModel
+from lkspec.data.source import Doc
 from lkspec.errors import LkspecError
 from lkspec.io import load_tensors, save_tensors, write_json
 from lkspec.sampling import check_temperature, warp_probs
@@ -91,13 +92,11 @@ class Sample:
         """Token ids at positions P-2 .. P+n-2, aligned row for row with `hidden`."""
         return self.ids[self.prompt_len - 2 : self.prompt_len + self.n - 1]
 
-    def as_doc(self, row: int) -> Any:
+    def as_doc(self, row: int) -> Doc:
         """This sample as a training document (`lkspec.data.features.Doc`), loss on the response tokens.
 
         Lets tests and benchmarks train a draft with `lkspec.train` on the very paths the replay scores.
         """
-        from lkspec.data.features import Doc
-
         mask = torch.zeros(self.n + 1, dtype=torch.bool)
         mask[2:] = True  # rows 0, 1 are the last two prompt tokens; row i+2 is response token i
         return Doc(row, self.draft_ids.clone(), mask, self.hidden)

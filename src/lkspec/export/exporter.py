@@ -20,8 +20,8 @@ from lkspec.drafts import Draft, MLPSpeculator, load_draft
 from lkspec.drafts.checkpoint import PROVENANCE_FILE, read_checkpoint
 from lkspec.errors import LkspecError
 from lkspec.export.card import KNOWN_ARCHS, KNOWN_HUB_IDS, git_state, model_card, provenance, select_eval_rows
+from lkspec.export.layouts import OFF_MAP_LOGIT, full_vocab_mlp, mlp_mix_ratio, parse_dtype, truncate
 from lkspec.export.layouts import layout as served_layout
-from lkspec.export.layouts import mlp_mix_ratio, parse_dtype, truncate
 from lkspec.export.vllm_rules import check_servable
 from lkspec.io import atomic_dir, read_json, save_tensors, sha256_file, write_json
 
@@ -98,6 +98,19 @@ def head_logits_gap(a: Draft, b: Draft, seed: int = 0) -> tuple[float, float]:
     return worst, worst / max(scale, 1e-30)
 
 
+def kept_logit_gap(truncated: Draft, wide: Draft, seed: int = 0) -> float:
+    """max |logit difference| on the kept tokens between a truncated draft and its full-vocabulary twin."""
+    g = torch.Generator().manual_seed(seed)
+    T = truncated.num_heads + 4
+    hidden = torch.randn(2, T, truncated.config.hidden_size, generator=g)
+    ids = torch.randint(0, truncated.config.vocab_size, (2, T), generator=g)
+    tm = truncated.token_map
+    assert tm is not None
+    with torch.no_grad():
+        return max(float((x[..., tm].float() - y[..., tm].float()).abs().max())
+                   for x, y in zip(truncated(hidden, ids), wide(hidden, ids), strict=True))
+
+
 def export_draft(
     draft_dir: str | Path,
     out: str | Path,
@@ -127,6 +140,12 @@ def export_draft(
     K = draft.num_heads
     n = K if num_speculative_tokens is None else num_speculative_tokens
     exported = truncate(draft, n)
+    expansion: dict[str, Any] | None = None
+    if isinstance(exported, MLPSpeculator) and exported.config.truncated:
+        wide = full_vocab_mlp(exported)  # vLLM's MLPSpeculator cannot hold a token map: an exact twin
+        expansion = {"draft_vocab_size": exported.config.draft_vocab_size, "inner_dim": wide.config.inner,
+                     "off_map_logit": OFF_MAP_LOGIT, "max_kept_logit_gap": kept_logit_gap(exported, wide)}
+        exported = wide
     base = resolve_base_model(base_model, target, raw, src)
     archs = resolve_base_archs(base_model_archs, base, target) if fmt == "arctic" else base_model_archs
     cfg, tensors = served_layout(exported, fmt=fmt, dtype=torch_dtype, base_model=base, base_model_archs=archs)
@@ -145,6 +164,8 @@ def export_draft(
         "eval_results": str(Path(eval_results).resolve()) if eval_results is not None else None,
         "eval_rows": len(eval_rows) if eval_rows else 0,
     }
+    if expansion is not None:
+        export_settings["full_vocab_expansion"] = expansion
     if isinstance(draft, MLPSpeculator) and n != K:
         export_settings["emb_rescale"] = mlp_mix_ratio(K, draft.config.inner) / mlp_mix_ratio(n, draft.config.inner)
     model_ref = model_id or str(dst.resolve())

@@ -21,7 +21,10 @@ import torch
 
 from lkspec.drafts import Draft, MLPSpeculator, build_draft
 from lkspec.drafts.vllm_names import ARCTIC_MLP_ARCH
-from lkspec.errors import LkspecError
+from lkspec.errors import LkspecError, NoServedLayoutError
+
+OFF_MAP_LOGIT = -30000.0  # logit of a token outside a truncated draft's map in a full-vocabulary export
+CONSTANT_CHANNEL = 8.0  # LN bias of the spare channel; GELU(8) = 8 to float precision
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = ("vllm", "arctic")
@@ -69,12 +72,51 @@ def truncate(draft: Draft, num_heads: int) -> Draft:
     return new
 
 
+@torch.no_grad()
+def full_vocab_mlp(draft: MLPSpeculator) -> MLPSpeculator:
+    """The same draft with V-row heads and one more stage channel, for layouts that cannot hold a token map.
+
+    vLLM's MLPSpeculator has no token map and no head bias, so a token outside the map cannot get a -inf
+    logit directly. One spare channel does it: its pre-norm value is 0 (zero rows in proj and emb) and its
+    norm weight 0 with bias 8, so after GELU it is the constant 8 in every stage; heads give it weight 0 in
+    the kept rows and -30000/8 in all others. Widening the stage from D to D + 1 changes two constants,
+    both undone exactly: the embedding scale sqrt(D/2) (embeddings rescaled by sqrt(D/(D+1))) and the
+    norm's mean over D + 1 channels (norm weights rescaled the same way). Kept tokens' logits are the
+    truncated draft's up to the norm's eps; others are -30000, which no sampler ever picks.
+    """
+    c = draft.config
+    D, tm = c.inner, draft.token_map
+    assert tm is not None
+    wide = build_draft("mlp_speculator", **{**c.model_dump(exclude={"arch"}), "inner_dim": D + 1,
+                                            "draft_vocab_size": None}).to(next(draft.parameters()).dtype)
+    shrink = math.sqrt(D / (D + 1))
+    for i in range(c.num_heads):
+        wide.emb[i].weight.zero_()[:, :D] = draft.emb[i].weight * shrink
+        wide.proj[i].weight.zero_()[:D, : draft.proj[i].weight.shape[1]] = draft.proj[i].weight
+        wide.ln[i].weight.zero_()[:D] = draft.ln[i].weight * shrink
+        wide.ln[i].bias.fill_(CONSTANT_CHANNEL)[:D] = draft.ln[i].bias
+        head = wide.head[i].weight.zero_()
+        head[:, D] = OFF_MAP_LOGIT / CONSTANT_CHANNEL
+        head[tm, :D] = draft.head[i].weight
+        head[tm, D] = 0.0
+    return wide
+
+
 def layout(draft: Draft, *, fmt: str = "vllm", dtype: torch.dtype = torch.bfloat16,
            base_model: str | None = None, base_model_archs: list[str] | None = None
            ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config.json, tensors) of `draft` in the served layout `fmt`, tensors cast to `dtype`."""
     if fmt not in FORMATS:
         raise LkspecError(f"unknown export format {fmt!r}; choose one of {list(FORMATS)}")
+    if draft.arch == "medusa" and draft.config.truncated:
+        raise NoServedLayoutError(
+            f"vLLM 0.32 sizes untied MEDUSA heads by the full vocabulary and cannot load a token map into them "
+            f"(its loader slices the rows, then the shapes clash), so a {draft.config.head_rows}-token MEDUSA draft "
+            f"has no vLLM layout; serve it with `lkspec generate`, or train MEDUSA with the full vocabulary "
+            f"(leave draft.vocab_size unset) for vLLM")
+    if isinstance(draft, MLPSpeculator) and draft.config.truncated:
+        raise LkspecError("vLLM's MLPSpeculator layout has no token map; export the full-vocabulary twin "
+                          "(lkspec.export.layouts.full_vocab_mlp, which `lkspec export` applies itself)")
     tensors: dict[str, torch.Tensor] = {}
     for name, t in draft.export_state_dict().items():
         t = t.detach().cpu()

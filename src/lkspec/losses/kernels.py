@@ -91,6 +91,7 @@ class _ChunkedKLAlpha(torch.autograd.Function):
         lse_q = _logsumexp_chunked(z, inv_t, chunk)
         lse_p = _logsumexp_chunked(zp, inv_t, chunk)
         lse_a = lse_p if target_lse is None else target_lse.detach().float()
+        ratio = None if target_lse is None else torch.exp(lse_p - lse_a)[:, None]  # p(S) per row, <= 1
         n = z.shape[0]
         kl = torch.zeros(n, device=z.device, dtype=torch.float32)
         alpha = torch.zeros_like(kl)
@@ -99,8 +100,12 @@ class _ChunkedKLAlpha(torch.autograd.Function):
             log_q = _scaled_log_probs(z[:, i : i + chunk], inv_t, lse_q)
             log_p = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_p)
             q = log_q.exp()
-            p = log_p.exp() if target_lse is None else _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_a).exp()
+            p = log_p.exp()
+            p_kl = p
+            if ratio is not None:  # exp(zp/T - lse_a) = p~ * exp(lse_p - lse_a): one scale per row, no second exp
+                p = p_kl * ratio
             kl += torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+            del p_kl
             below = q < p
             alpha += torch.where(below, q, p).sum(-1)
             s_mass += torch.where(below, q, 0.0).sum(-1)
@@ -112,6 +117,7 @@ class _ChunkedKLAlpha(torch.autograd.Function):
     def backward(ctx, g_kl: torch.Tensor | None, g_alpha: torch.Tensor | None):  # type: ignore[override]
         z, zp, lse_q, lse_p, lse_a, s_mass = ctx.saved_tensors
         inv_t, chunk = ctx.inv_t, ctx.chunk
+        ratio = torch.exp(lse_p - lse_a)[:, None] if ctx.truncated else None
         zeros = torch.zeros_like(lse_q)
         gk = (zeros if g_kl is None else g_kl.float()) * inv_t
         ga = (zeros if g_alpha is None else g_alpha.float()) * inv_t
@@ -123,7 +129,7 @@ class _ChunkedKLAlpha(torch.autograd.Function):
         for i in range(0, z.shape[1], chunk):
             q = _scaled_log_probs(z[:, i : i + chunk], inv_t, lse_q).exp_()
             p_kl = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_p).exp_()
-            p = _scaled_log_probs(zp[:, i : i + chunk], inv_t, lse_a).exp_() if ctx.truncated else p_kl
+            p = p_kl * ratio if ratio is not None else p_kl
             g = torch.where(q < p, coef_below, coef_above).mul_(q)
             grad[:, i : i + chunk] = torch.addcmul(g, p_kl, neg_gk)
         return grad, None, None, None, None

@@ -104,7 +104,7 @@ def write_trainer_state(run: Path, *, model_sd: dict[str, torch.Tensor], optim_s
     opt_tensors, opt_meta = _opt_tensors(optim_sd)
     rng_tensors, py_rng = rng_state()
     with atomic_dir(run / STATE_DIR, overwrite=True) as tmp:
-        save_tensors(tmp / "model.safetensors", {k: v.detach().cpu() for k, v in model_sd.items()})
+        save_tensors(tmp / "model.safetensors", {k: v.detach().cpu() for k, v in model_sd.items()}, dedupe=True)
         save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         save_tensors(tmp / "rng.safetensors", rng_tensors)
         write_json(tmp / "state.json", {**state, "optimizer": opt_meta, "python_rng": py_rng})

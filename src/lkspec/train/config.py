@@ -56,9 +56,12 @@ class DraftOptions(StrictModel):
     freeze: bool = Field(False, description="Keep the vocabulary-sized tensors (heads, token embeddings) fixed: "
                          "no weight gradients, less compute (meant for init=target).", **flag())
 
-    def options(self, draft_vocab_size: int | None = None) -> dict[str, Any]:
-        """Architecture options the user set (the draft config fills in the rest)."""
+    def options(self, draft_vocab_size: int | None = None, hidden_size: int | None = None) -> dict[str, Any]:
+        """Architecture options the user set (the draft config fills in the rest); with the target's
+        `hidden_size`, a target-initialised draft also gets the options its start needs (e.g. inner_dim)."""
         opts = {k: getattr(self, k) for k in ARCH_OPTIONS if getattr(self, k) is not None}
+        if self.init == "target" and hidden_size is not None:
+            opts = {**DRAFTS[self.arch].target_init_defaults(hidden_size), **opts}
         if draft_vocab_size is not None:
             opts["draft_vocab_size"] = draft_vocab_size
         return {"num_heads": self.num_heads, **opts}

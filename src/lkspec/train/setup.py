@@ -132,7 +132,7 @@ def new_draft(cfg: TrainConfig, identity: TargetIdentity, init_from: str | Path 
     """The run's draft: seeded random init, or the weights of `init_from` (same options required)."""
     d = cfg.draft
     draft = build_draft(d.arch, seed=cfg.seed, hidden_size=identity.hidden_size, vocab_size=identity.vocab_size,
-                        **d.options(vocab))
+                        **d.options(vocab, identity.hidden_size))
     if init_from is not None:
         src = load_draft(init_from, target=identity)
         if src.config != draft.config:
