@@ -25,16 +25,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from lkspec.data.benchmarks import load_benchmark
-from lkspec.drafts import Draft, check_draft_target, load_draft
+from lkspec.drafts import Draft, check_draft_target
 from lkspec.errors import LkspecError
 from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
 from lkspec.sampling import check_temperature, sample, warp_probs
-from lkspec.targets import Target, load_target
+from lkspec.targets import Target
 
 GEN_RULES = ("sampled", "greedy")
 
@@ -256,88 +254,3 @@ def plain_generate(target: Target, prompt_ids: Sequence[int], *, max_new_tokens:
     out = target.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
     seconds = time.perf_counter() - t0
     return out[0, ids.shape[1] :].tolist(), seconds
-
-
-def _warm_up(target: Target) -> None:
-    """One tiny forward: the first call into a model pays one-time setup that must not count as speed."""
-    with torch.no_grad():
-        target.hidden_states(torch.tensor([[target.pad_token_id, target.pad_token_id]]))
-
-
-def run_generate(
-    target_spec: str,
-    draft_path: str | Path,
-    *,
-    prompts: Sequence[str] = (),
-    benchmark: str | None = None,
-    limit: int = 3,
-    k: int | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    rule: str = "sampled",
-    max_new_tokens: int = 256,
-    seed: int = 0,
-    stream: bool = True,
-    compare: bool = True,
-    device: str | None = None,
-    echo: Callable[..., None] = print,
-) -> list[GenerationResult]:
-    """What `lkspec generate` does: stream each prompt's speculative output, then tau and speed vs the target."""
-    check_temperature(temperature)
-    if rule not in GEN_RULES:
-        raise LkspecError(f"unknown acceptance rule {rule!r}; choose from {', '.join(GEN_RULES)}")
-    target = load_target(target_spec, device=device)
-    draft = load_draft(draft_path, target=target.identity, device=target.device)
-    gen = SpeculativeGenerator(target, draft, k=k, temperature=temperature, top_k=top_k, top_p=top_p, rule=rule)
-    messages = [[{"role": "user", "content": p}] for p in prompts]
-    if benchmark:
-        messages += [r.messages for r in load_benchmark(benchmark, limit=limit)]
-    tok = target.tokenizer
-    _warm_up(target)
-    results = []
-    spec_s = plain_s = 0.0
-    spec_n = plain_n = 0
-    for i, msgs in enumerate(messages):
-        ids = target.render_chat(msgs)
-        echo(f"\n── prompt {i + 1}/{len(messages)}: {msgs[-1]['content'][:100]!r}")
-        shown: list[int] = []
-        printed = ""
-
-        def show(new: list[int], shown: list[int] = shown) -> None:
-            nonlocal printed
-            shown.extend(new)
-            text = tok.decode(shown, skip_special_tokens=True)
-            echo(text[len(printed) :], nl=False)
-            printed = text
-
-        res = gen.generate(ids, max_new_tokens=max_new_tokens, seed=seed + i, on_tokens=show if stream else None)
-        if not stream:
-            echo(tok.decode(res.tokens, skip_special_tokens=True), nl=False)
-        echo("")
-        results.append(res)
-        spec_s += res.seconds
-        spec_n += len(res.tokens)
-        acc = ", ".join(f"{a:.2f}" for a in res.acceptance)
-        line = (f"[spec] {len(res.tokens)} tokens in {res.rounds} rounds: tau {res.tau:.3f}; acceptance by "
-                f"position [{acc}]; {res.tokens_per_second:.1f} tok/s")
-        if compare:
-            plain, seconds = plain_generate(target, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, seed=seed + i)
-            plain_s += seconds
-            plain_n += len(plain)
-            rate = len(plain) / seconds if seconds > 0 else float("nan")
-            line += (f"; plain HF generate {rate:.1f} tok/s ({len(plain)} tokens); "
-                     f"speed-up {res.tokens_per_second / rate:.2f}x")
-            if temperature == 0 and plain != res.tokens:
-                line += " (WARNING: greedy outputs differ; numerical ties?)"
-        echo(line)
-    if len(results) > 1:
-        rounds = sum(r.rounds for r in results)
-        spec_rate = spec_n / spec_s
-        summary = f"\n[total] {spec_n} tokens in {rounds} rounds: tau {spec_n / rounds:.3f}; {spec_rate:.1f} tok/s"
-        if compare and plain_s > 0:
-            plain_rate = plain_n / plain_s
-            summary += f" vs plain {plain_rate:.1f} tok/s: speed-up {spec_rate / plain_rate:.2f}x"
-        echo(summary)
-    return results

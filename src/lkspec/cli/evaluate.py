@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from lkspec.cli.schema import command, schema_options
+from lkspec.config import layered
 from lkspec.evaluate.run import EvalSettings, eval_settings
 
 Opt = typer.Option
@@ -40,7 +41,7 @@ def eval_command(
     """
     from lkspec.evaluate import run_eval  # loads the target: heavy imports only when the command runs
 
-    settings = eval_settings(**(overrides or {}))
+    settings = eval_settings(**layered(None, overrides))
     report = run_eval(target, drafts, settings, labels=label or None, out=out, table=table, plot=plot,
                       device=device)
     typer.echo(report.markdown())

@@ -84,6 +84,7 @@ class EvalReport:
     cells: dict[tuple[str, float, str, str], Cell]  # (label, T, rule, benchmark)
     cost: Cost
     bootstrap: int = 2000
+    coverage: dict[str, float] = field(default_factory=dict)  # truncated drafts: share of response tokens in the map
     ci_level: float = 0.95
     rows: list[dict[str, Any]] = field(default_factory=list)
     differences: list[dict[str, Any]] = field(default_factory=list)
@@ -184,6 +185,7 @@ class EvalReport:
             "k": self.k,
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seeds[0] if len(self.seeds) == 1 else list(self.seeds),
+            "token_map_coverage": self.coverage,
             "rows": self.rows,
         }
 
@@ -254,6 +256,9 @@ class EvalReport:
         for lab in labels:
             lines.append(f"- draft `{lab}`: {c.draft_s.get(lab, 0.0):.1f} s teacher-forced pass + replay "
                          f"({c.per_draft_s(lab):.1f} s alone)")
+        for lab, share in self.coverage.items():
+            lines.append(f"- draft `{lab}` covers {share:.1%} of the evaluated response tokens with its token map "
+                         f"(no draft position can accept the rest)")
         return "\n".join(lines) + "\n"
 
     def difference(self, lab: str, base: str, bench: str, T: float, rule: str) -> dict[str, Any]:

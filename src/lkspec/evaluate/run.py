@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -155,6 +156,9 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
         rows += [(f"{e.label}+{NGRAM}", f"{e.path}+{NGRAM}") for e in drafts] + [(NGRAM, NGRAM)]
     labels = [lab for lab, _ in rows]
     cost = Cost(draft_s=dict.fromkeys(labels, 0.0))
+    maps = {e.label: e.draft.token_map.cpu() for e in drafts if e.draft.token_map is not None}
+    covered = dict.fromkeys(maps, 0)  # response tokens inside each truncated draft's map (an acceptance ceiling)
+    seen = 0
     per_prompt: dict[tuple[str, float, str, str], dict[str, PromptReplay]] = {}
     for T in s.temperatures:
         seeds: list[int | None] = list(s.seeds) if T > 0 else [None]
@@ -186,6 +190,9 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
                             acc[sample.id] = acc[sample.id] + c if sample.id in acc else c
                         cost.draft_s[lab] += tr.seconds + time.perf_counter() - t1
                     tokens += sample.n
+                    seen += sample.n
+                    for lab, tm in maps.items():
+                        covered[lab] += int(torch.isin(sample.response, tm).sum())
                     bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
                 bar.close()
     cells = {key: Cell(list(v.values())) for key, v in per_prompt.items()}
@@ -193,6 +200,7 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
         target=target.identity.model_dump(), drafts=rows, benchmarks=benchmarks,
         temperatures=list(s.temperatures), rules=list(s.rules), k=K, max_new_tokens=s.max_new_tokens,
         seeds=list(s.seeds), cells=cells, cost=cost, bootstrap=s.bootstrap,
+        coverage={lab: n / max(seen, 1) for lab, n in covered.items()},
     )
 
 
