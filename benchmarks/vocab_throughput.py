@@ -7,8 +7,10 @@ Each configuration runs `StepRunner.accumulate` (teacher logits from a frozen lm
 time with the loss and backward) plus an AdamW step on random features, exactly as `lkspec train` does; times are
 medians over --steps after one warm-up step, configurations interleaved round-robin so a busy machine slows them
 alike. Drafts are the demo's: MLP-Speculator tied with inner_dim 2 x hidden, MEDUSA with one block per head, the
-vocabulary-sized tensors frozen (draft.freeze) or not. A truncated head computes N of the V logits, but the
-teacher's normaliser still needs all V once per position (not once per head), so the gain is below V / N.
+vocabulary-sized tensors frozen (draft.freeze) or not. A truncated head computes N of the V logits; the
+teacher's normaliser needs all V once per position, which features extracted by this version carry
+(`target_lse`, so training projects only the N kept rows) and older stores do not (`--no-stored-lse` shows
+that case: the full projection stays, once per position).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class RandomHead:
     def __init__(self, V: int, H: int) -> None:
         self.weight = torch.randn(V, H, generator=torch.Generator().manual_seed(0)) / H**0.5
 
-    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(h.float(), self.weight)
+    def logits_from_hidden(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.nn.functional.linear(h.float(), self.weight if rows is None else self.weight[rows])
 
 
 def make(arch: str, H: int, V: int, N: int | None, freeze: bool) -> Draft:
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--arch", nargs="+", default=["mlp_speculator", "medusa"])
     ap.add_argument("--freeze", choices=["yes", "no", "both"], default="yes")
+    ap.add_argument("--no-stored-lse", action="store_true", help="features without the stored normaliser")
     args = ap.parse_args()
     H, V, K = 576, 49152, 6
     head = RandomHead(V, H)
@@ -64,6 +67,8 @@ def main() -> None:
                     loss_mask=torch.ones(1, args.tokens, dtype=torch.bool),
                     doc_ids=torch.zeros(1, args.tokens, dtype=torch.int64),
                     own=torch.ones(1, args.tokens, dtype=torch.bool))
+    if not args.no_stored_lse:
+        mb.target_lse = torch.logsumexp(head.logits_from_hidden(mb.hidden[0]), -1)[None]
     freezes = {"yes": [True], "no": [False], "both": [True, False]}[args.freeze]
     configs = [(a, n, f) for a in args.arch for f in freezes for n in [None, *args.vocab]]
     runs = {}
@@ -83,7 +88,8 @@ def main() -> None:
             if step:
                 times.append(time.perf_counter() - t0)
     print(f"embedded shapes H {H}, V {V}, K {K}; {args.tokens} tokens/step, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} steps")
+          f"median of {args.steps} steps; features {'without' if args.no_stored_lse else 'with'} the stored "
+          f"normaliser")
     rows = []
     for (a, n, f), (_, _, _, times) in runs.items():
         tps = args.tokens / statistics.median(times)

@@ -67,6 +67,8 @@ def test_shards_equal_fresh_forward(tiny_target: Target, tokens: Path, tmp_path:
                                                                                          row["loss_mask"]]
         fresh = t.hidden_states(torch.tensor([row["input_ids"]]))[0]
         torch.testing.assert_close(doc.hidden, fresh, rtol=1e-4, atol=1e-5)
+        # the full-vocabulary normaliser of the stored states, for truncated draft vocabularies
+        torch.testing.assert_close(doc.target_lse, torch.logsumexp(t.logits_from_hidden(doc.hidden), -1))
     bf16 = extract_features(t, tokens, tmp_path / "b", progress=False, **SMALL)  # default storage: bfloat16
     assert bf16.dtype == torch.bfloat16
     assert {f.stat().st_size for f in (tmp_path / "b").glob("*.safetensors")} != set()

@@ -326,3 +326,30 @@ def test_target_initialised_draft_replay_matches_the_engine() -> None:
     res0 = SpeculativeGenerator(target, d, temperature=0).generate([1, 2, 3], max_new_tokens=40)
     mean0, var0 = _replay_rounds(target, d, res0, 0.0, "draft")
     assert var0 == 0 and mean0 == res0.rounds
+
+
+def test_stored_normaliser_gives_the_same_truncated_step(tiny_target: Target) -> None:
+    """Features that carry the target's full logsumexp let a truncated draft's step project only its kept rows;
+    the gradient is the one computed from the full projection."""
+    from dataclasses import replace
+
+    from lkspec.data.plan import full_logsumexp
+    from lkspec.train.step import StepRunner, head_modules
+
+    H, V = tiny_target.hidden_size, tiny_target.vocab_size
+    draft = build_draft("mlp_speculator", seed=2, hidden_size=H, vocab_size=V, num_heads=3, inner_dim=16,
+                        draft_vocab_size=V // 3)
+    draft.set_token_map(torch.randperm(V, generator=torch.Generator().manual_seed(4))[: V // 3])
+    plain = _docs(tiny_target, n=5, length=30)
+    stored = [replace(d, target_lse=full_logsumexp(tiny_target, d.hidden)) for d in plain]
+    grads = []
+    for docs in (plain, stored):
+        draft.zero_grad(set_to_none=True)
+        runner = StepRunner(draft, tiny_target, head_modules(draft), loss="lk_hybrid", eta=3.0, gamma=0.8,
+                            temperature=1.0, impl="chunked", micro_batch_tokens=40)
+        mbs = runner.pack(docs)
+        assert all((mb.target_lse is not None) == (docs is stored) for mb in mbs)
+        runner.accumulate(mbs)
+        grads.append({n: p.grad.clone() for n, p in draft.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)

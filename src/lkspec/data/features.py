@@ -6,6 +6,8 @@ with the frozen lm_head during training. A store is a directory:
     index.json                  format, target identity, dtype, hidden size, source, and the shard list
     shard-00000.safetensors     documents packed back to back:
         hidden      [Ntok, H]   storage dtype (bf16 / fp16 / fp32)
+        target_lse  [Ntok]      fp32 logsumexp of the target's full logits from the stored hidden (T = 1;
+                                optional: stores written before it lack it and train as before)
         input_ids   [Ntok]      int32
         loss_mask   [Ntok]      bool (True on response tokens)
         doc_offsets [n + 1]     int64, document d is rows doc_offsets[d] : doc_offsets[d+1]
@@ -97,6 +99,7 @@ class FeatureStore(ShardedDocs):
                 input_ids=t["input_ids"][off[d] : off[d + 1]].long(),
                 loss_mask=t["loss_mask"][off[d] : off[d + 1]].bool(),
                 hidden=t["hidden"][off[d] : off[d + 1]],
+                target_lse=t["target_lse"][off[d] : off[d + 1]] if "target_lse" in t else None,
             )
             for d in range(len(off) - 1)
         ]
@@ -161,6 +164,8 @@ class FeatureWriter:
             "doc_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
             "rows": torch.tensor([d.row for d in docs], dtype=torch.int64),
         }
+        if all(d.target_lse is not None for d in docs):
+            tensors["target_lse"] = torch.cat([d.target_lse.float().cpu() for d in docs])  # type: ignore[union-attr]
         name = f"shard-{len(self.index['shards']):05d}.safetensors"
         save_tensors(self.path / name, tensors)
         entry = {

@@ -65,11 +65,20 @@ def forward_docs(target: Target, ds: Any, rows: list[int], dtype: torch.dtype | 
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
     hidden = target.hidden_states(ids, mask)
-    return [
-        Doc(row=r, input_ids=ids[i, :n].clone(), loss_mask=torch.tensor(batch["loss_mask"][i], dtype=torch.bool),
-            hidden=hidden[i, :n].to(dtype or hidden.dtype).clone())
-        for i, (r, n) in enumerate(zip(rows, lengths, strict=True))
-    ]
+    docs = []
+    for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
+        h = hidden[i, :n].to(dtype or hidden.dtype).clone()
+        docs.append(Doc(row=r, input_ids=ids[i, :n].clone(),
+                        loss_mask=torch.tensor(batch["loss_mask"][i], dtype=torch.bool), hidden=h,
+                        target_lse=full_logsumexp(target, h)))
+    return docs
+
+
+@torch.no_grad()
+def full_logsumexp(target: Target, hidden: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """logsumexp of the target's logits over its whole vocabulary at T = 1, per row ([L] fp32, on the CPU)."""
+    return torch.cat([torch.logsumexp(target.logits_from_hidden(hidden[s : s + chunk]), -1).cpu()
+                      for s in range(0, hidden.shape[0], chunk)]) if hidden.shape[0] else torch.zeros(0)
 
 
 def estimate_bytes(num_tokens: int, hidden_size: int, dtype: str) -> int:

@@ -31,6 +31,9 @@ class Doc:
     input_ids: torch.Tensor  # [L] int64
     loss_mask: torch.Tensor  # [L] bool
     hidden: torch.Tensor  # [L, H] storage dtype
+    # [L] fp32 logsumexp of the target's full logits (T = 1) from `hidden` as stored: lets a truncated draft's
+    # training project only its kept rows of the lm_head
+    target_lse: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -63,8 +63,8 @@ class LMHead:
         return TargetIdentity(name=self.name, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                               tokenizer_hash=tokenizer_hash(self.tokenizer))
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return project_hidden(hidden, self.weight, self.bias, self.config)
+    def logits_from_hidden(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return project_hidden(hidden, self.weight, self.bias, self.config, rows)
 
     def init_tensors(self) -> TargetTensors:
         """The input embedding and final-norm scale too, read from the checkpoint (only when a draft starts

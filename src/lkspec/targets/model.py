@@ -67,9 +67,13 @@ def tokenizer_hash(tok: Any) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
-def project_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Any) -> torch.Tensor:
+def project_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Any,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """lm_head(hidden) in fp32, plus the output transforms some families apply after it (Granite's
     logits_scaling, Cohere's logit_scale, Gemma's final softcapping), so the result equals the model's."""
+    if rows is not None:  # every transform below is elementwise, so a subset of rows projects the same
+        rows = rows.to(weight.device)
+        weight, bias = weight[rows], None if bias is None else bias[rows]
     logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
     if getattr(cfg, "logits_scaling", None):
         logits = logits / cfg.logits_scaling
@@ -209,13 +213,15 @@ class Target:
         out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Target logits from cached hidden states through the frozen lm_head, in fp32.
+    def logits_from_hidden(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Target logits from cached hidden states through the frozen lm_head, in fp32 (only the vocabulary
+        `rows` when given: a truncated draft's teacher).
 
         Applies the output transforms some families put after the lm_head (Granite's logits_scaling,
         Cohere's logit_scale, Gemma's final softcapping) so the result equals the model's own logits.
         """
-        return project_hidden(hidden, self.lm_head.weight, getattr(self.lm_head, "bias", None), self.model.config)
+        return project_hidden(hidden, self.lm_head.weight, getattr(self.lm_head, "bias", None), self.model.config,
+                              rows)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

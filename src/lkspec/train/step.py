@@ -47,9 +47,10 @@ def head_modules(draft: Draft) -> list[nn.Module]:
 
 
 class Teacher(Protocol):
-    """What a step needs from the target: its frozen lm_head, as logits from post-norm hidden states."""
+    """What a step needs from the target: its frozen lm_head, as logits from post-norm hidden states (all of
+    the vocabulary, or the given rows)."""
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def logits_from_hidden(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def known_alpha_mean(value: torch.Tensor) -> AlphaMean:
@@ -96,12 +97,17 @@ class StepRunner:
             needed[k:] |= m  # head k at anchor t is taught by the target's distribution at t + k
         index = torch.cumsum(needed, 0) - 1
         with torch.no_grad():
-            teacher = self.lm_head.logits_from_hidden(hidden[0, needed])  # [M, V] fp32
             lse = None
             token_map = self.draft.token_map
-            if token_map is not None:  # a truncated head: its columns, and the full normaliser once
-                lse = torch.logsumexp(teacher / self.temperature, -1)
-                teacher = teacher[:, token_map.to(dev)]
+            if token_map is not None and mb.target_lse is not None and self.temperature == 1.0:
+                # the features carry the full normaliser: project only the kept rows of the lm_head
+                teacher = self.lm_head.logits_from_hidden(hidden[0, needed], rows=token_map)  # [M, N] fp32
+                lse = mb.target_lse[0].to(dev)[needed]
+            else:
+                teacher = self.lm_head.logits_from_hidden(hidden[0, needed])  # [M, V] fp32
+                if token_map is not None:  # a truncated head: its columns, and the full normaliser once
+                    lse = torch.logsumexp(teacher / self.temperature, -1)
+                    teacher = teacher[:, token_map.to(dev)]
         with torch.set_grad_enabled(backward), self.autocast():
             states = [s[0] for s in self.trunk(hidden, ids)]
         leaves: list[torch.Tensor] = []
