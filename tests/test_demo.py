@@ -69,7 +69,10 @@ def test_every_tau_is_in_range_with_a_ci(demo_out: tuple[Path, float], arch: str
 def test_exports_are_vllm_layouts_with_cards(demo_out: tuple[Path, float]) -> None:
     out, _ = demo_out
     kinds = {"mlp": ("mlp_speculator", "head."), "medusa": ("medusa", "lm_heads.")}
-    for name in ("mlp-kl", "mlp-lk_hybrid", "medusa-kl", "medusa-lk_hybrid"):
+    report = (out / "report.md").read_text()
+    for name in ("medusa-kl", "medusa-lk_hybrid"):  # the demo's MEDUSA has a token map: vLLM 0.32 cannot load it
+        assert not (out / "export" / name).exists() and f"- `{name}`: not exported (vLLM 0.32" in report
+    for name in ("mlp-kl", "mlp-lk_hybrid"):
         model_type, tensor = kinds[name.split("-")[0]]
         d = out / "export" / name
         cfg = json.loads((d / "config.json").read_text())

@@ -107,3 +107,11 @@ def test_dry_run_runs_every_stage_in_miniature(recipe: str, extra: list[str], ti
     assert f"recipe '{recipe.removesuffix('.yaml')}'" in out and "dry run OK: 1 training runs" in out
     assert ("features online" in out) == bool(extra)
     assert not (tmp_path / "real").exists()  # the dry run writes nothing where the real run will
+
+
+def test_recommended_recipe_dry_runs(tiny_target_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The recommended Llama config (target init, token map, two data parts, kl vs lk) runs in miniature."""
+    code, out = cli(["run", str(ROOT / "configs" / "llama31-8b-mlp-recommended.yaml"), "--dry-run", "--stand-in",
+                     str(tiny_target_dir), "--quiet", "--out", str(tmp_path / "real")], capsys)
+    assert code == 0, out
+    assert "dry run OK: 2 training runs" in out and not (tmp_path / "real").exists()

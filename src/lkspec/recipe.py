@@ -77,14 +77,12 @@ def miniature(cfg: PipelineConfig, stand_in: str) -> PipelineConfig:
     data = cfg.model_dump(mode="json")
     data["target"] = stand_in
     data["device"] = None
-    prompts = data["data"]["prompts"]
-    if source_kind(prompts["source"]) == "hf":  # a hub dataset: the offline bundled set stands in
-        prompts.update(source="sharegpt", hf_config=None, split="train", prompt_field=None, messages_field=None,
-                       response_field=None, id_field=None)
-    prompts["limit"] = 8
-    data["data"]["regenerate"].update(backend="hf", max_new_tokens=16, batch_size=8)
-    for part in data["data"]["extra"]:
-        part["prompts"]["limit"] = 8
+    for part in [data["data"], *data["data"]["extra"]]:
+        prompts = part["prompts"]
+        if source_kind(prompts["source"]) == "hf":  # a hub dataset: the offline bundled set stands in
+            prompts.update(source="sharegpt", hf_config=None, split="train", prompt_field=None,
+                           messages_field=None, response_field=None, id_field=None)
+        prompts["limit"] = 8
         part["regenerate"].update(backend="hf", max_new_tokens=16, batch_size=8)
     data["data"]["features"].update(max_tokens=None)
     for opts in data["arch_options"].values():
@@ -92,6 +90,10 @@ def miniature(cfg: PipelineConfig, stand_in: str) -> PipelineConfig:
             opts["inner_dim"] = 64
     train = data["train"]
     train.update(epochs=1, max_steps=2, checkpoint_every=0, log_every=1)
+    shapes = _target_shapes(stand_in)
+    draft = train.get("draft", {})
+    if draft.get("vocab_size") and shapes is not None:  # a token map must fit the stand-in's vocabulary
+        draft["vocab_size"] = min(draft["vocab_size"], shapes[1] // 2)
     train.setdefault("data", {}).update(batch_size=4, batch_tokens=None, heldout_fraction=0.25)
     data["eval"].update(limit=2, max_new_tokens=12, batch_size=4)
     # the offline 100-question GSM8K stands in for the hub's 1319
