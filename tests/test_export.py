@@ -206,14 +206,14 @@ def _eval_file(path: Path, draft_path: Path, label: str = "lk", target: TargetId
 def test_model_card_and_provenance(tmp_path: Path) -> None:
     run = make_run(tmp_path, "medusa-bias")
     results = _eval_file(tmp_path / "eval.json", run)
-    export_draft(run, tmp_path / "out", eval_results=results, model_id="me/medusa-smollm2")
+    export_draft(run, tmp_path / "out", eval_results=results, repo_id="me/medusa-smollm2")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "license: apache-2.0" in card and "Apache-2.0" in card
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "MEDUSA, 6 heads × 2 residual layer(s)" in card and "with biases" in card
-    assert "1,234 documents, 567,890 tokens" in card and "dataset: sharegpt" in card
+    assert "1,234 documents, 567,890 tokens" in card and "`sharegpt` prompts at T = 1, ≤ 512 new tokens" in card
     assert "Hybrid LK loss with adaptive λ scheduling (η = 3)" in card and "γ = 0.8" in card
-    assert "10 epochs (selected checkpoint: epoch 9, step 900" in card and "K = 6" in card
+    assert "10 epochs from random initialization; selected checkpoint: epoch 9, step 900" in card and "K = 6" in card
     spec = '{"method": "medusa", "model": "me/medusa-smollm2", "num_speculative_tokens": 6}'
     assert f"speculative_config={spec}" in card and f"--speculative-config '{spec}'" in card
     assert "vllm serve HuggingFaceTB/SmolLM2-135M-Instruct" in card
@@ -228,7 +228,9 @@ def test_model_card_and_provenance(tmp_path: Path) -> None:
     assert "vLLM 0.33 dropped both" in card and "lkspec's own generator runs both with\nsampled drafts" in card
     prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert prov["format"] == "lkspec-export/1" and prov["lkspec_version"]
-    assert prov["training"]["train"] == TRAIN and prov["data"] == DATA and prov["target"] == TARGET.model_dump()
+    # no local path travels with an export: absolute paths keep only their last component
+    assert prov["training"]["train"] == TRAIN and prov["data"] == {**DATA, "features": "feats"}
+    assert prov["target"] == TARGET.model_dump()
     assert prov["export"]["dtype"] == "bf16" and prov["export"]["eval_rows"] == 16
     for name, digest in prov["files"].items():
         assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == digest
@@ -354,3 +356,56 @@ def test_cli_export_and_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     for flag in ("--draft", "--out", "--dtype", "--format", "--num-speculative-tokens", "--base-model",
                  "--base-model-arch", "--eval", "--eval-draft", "--model-id", "--overwrite"):
         assert flag in helptext
+
+
+def test_card_metadata_parses_with_huggingface_hub_and_holds_the_taus(tmp_path: Path) -> None:
+    """The card's model-index front matter is what the hub reads: huggingface_hub's own ModelCard parser finds one
+    acceptance-length result per benchmark and temperature, with the eval file's values."""
+    from huggingface_hub import ModelCard
+
+    run = make_run(tmp_path, "mlp")
+    results = _eval_file(tmp_path / "eval.json", run)
+    export_draft(run, tmp_path / "out", eval_results=results, repo_id="me/mlp-smollm2")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    got = {(r.dataset_name, r.metric_config): r.metric_value for r in card.data.eval_results}
+    rows = json.loads(results.read_text())["rows"]
+    want = {({"mtbench": "MT-Bench", "humaneval": "HumanEval", "gsm8k": "GSM8K"}[r["benchmark"]],
+             f"temperature={r['temperature']:g}"): round(r["tau"], 3)
+            for r in rows if r["draft"] == "lk" and r["benchmark"] != "mean" and r["rule"] == "sampled"}
+    assert got == want and len(got) == 6
+    assert {r.task_type for r in card.data.eval_results} == {"speculative-decoding"}
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    assert "@inproceedings{samarin2026lk" in card.text and "arXiv:2404.19124" in card.text
+
+
+def test_exported_files_hold_no_local_absolute_path(tmp_path: Path) -> None:
+    """Cards and provenance are published: neither the export's nor the data's nor the run's path may appear."""
+    run = make_run(tmp_path, "medusa-bias")
+    results = _eval_file(tmp_path / "eval.json", run)
+    out = tmp_path / "out"
+    export_draft(run, out, eval_results=results)
+    text = {f.name: f.read_text() for f in out.iterdir() if f.suffix in (".md", ".json")}
+    for name, body in text.items():
+        for path in (str(out.resolve()), str(tmp_path.resolve()), str(run.resolve()), DATA["features"]):
+            assert path not in body, (name, path)
+    assert '"model": "."' in text["README.md"] and "is the folder holding this card" in text["README.md"]
+
+
+def test_card_compares_every_draft_of_the_evaluation(tmp_path: Path) -> None:
+    """An eval file with several drafts (kl, lk, ngram) puts them side by side on the card, with the paired
+    difference of this draft against the others and whether its CI excludes zero."""
+    run = make_run(tmp_path, "mlp")
+    results = _eval_file(tmp_path / "eval.json", run)
+    data = json.loads(results.read_text())
+    for lab, shift in (("kl", -0.2), ("ngram", -0.5)):
+        data["rows"] += [{**r, "draft": lab, "draft_path": f"/x/{lab}", "tau": r["tau"] + shift,
+                          "ci95": [r["ci95"][0] + shift, r["ci95"][1] + shift]}
+                         for r in data["rows"] if r["draft"] == "lk"]
+    data["differences"] = [{"draft": "lk", "baseline": "kl", "benchmark": "mean", "temperature": 1.0,
+                            "rule": "sampled", "delta_tau": 0.2, "ci95": [0.15, 0.25]}]
+    results.write_text(json.dumps(data))
+    export_draft(run, tmp_path / "out", eval_results=results, eval_draft="lk")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| **lk** (this draft) | 2.233 [2.18, 2.28] |" in card
+    assert "| `kl` | 2.033 [1.98, 2.08] |" in card and "| `ngram` |" in card
+    assert "`lk` − `kl` = +0.2000 tokens, 95% CI [+0.1500, +0.2500] (excludes 0)" in card

@@ -31,9 +31,10 @@ EvalOpt = Annotated[Path | None, typer.Option(
 EvalDraftOpt = Annotated[str | None, typer.Option(
     "--eval-draft", help="Draft label whose --eval rows to use (default: rows whose draft_path is --draft, or the "
     "only draft in the file).")]
-ModelIdOpt = Annotated[str | None, typer.Option(
-    "--model-id", help="How the card's usage snippets name this draft, e.g. the hub repo id you will upload it to "
-    "(default: the absolute --out path).")]
+RepoIdOpt = Annotated[str | None, typer.Option(
+    "--repo-id", "--model-id", help="The hub repository you will upload the export to (OWNER/NAME): the card's "
+    "usage snippets and metadata name it (default: '.', the folder holding the card; never a local absolute "
+    "path).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")]
 
 
@@ -47,7 +48,7 @@ def export(
     base_model_arch: ArchOpt = None,
     eval_results: EvalOpt = None,
     eval_draft: EvalDraftOpt = None,
-    model_id: ModelIdOpt = None,
+    repo_id: RepoIdOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Export a draft for vLLM: config.json + model.safetensors + README.md model card + provenance.json."""
@@ -56,7 +57,7 @@ def export(
     res = export_draft(
         draft, out, dtype=dtype, fmt=fmt, num_speculative_tokens=num_speculative_tokens, base_model=base_model,
         base_model_archs=base_model_arch or None, eval_results=eval_results, eval_draft=eval_draft,
-        model_id=model_id, overwrite=overwrite,
+        repo_id=repo_id, overwrite=overwrite,
     )
     method = res.config["model_type"] if fmt == "vllm" else "arctic"
     typer.echo(f"wrote {res.out} ({res.config['architectures'][0]}, {res.num_heads} heads, {dtype}); reloads "

@@ -187,6 +187,7 @@ class EvalReport:
             "seed": self.seeds[0] if len(self.seeds) == 1 else list(self.seeds),
             "token_map_coverage": self.coverage,
             "rows": self.rows,
+            "differences": self.differences,
         }
 
     def write_json(self, path: str | Path) -> Path:

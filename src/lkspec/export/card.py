@@ -21,7 +21,17 @@ import lkspec
 from lkspec.data.benchmarks import BENCHMARKS
 from lkspec.drafts import Draft, Medusa, MLPSpeculator
 from lkspec.errors import LkspecError
-from lkspec.losses import LOSSES
+from lkspec.export.card_facts import (
+    BIBTEX_ARCH,
+    BIBTEX_LK,
+    comparison,
+    data_words,
+    model_index,
+    objective_words,
+    public,
+    start_words,
+    vocab_words,
+)
 from lkspec.targets import TargetIdentity
 
 EVAL_FORMAT = "lkspec-eval/1"
@@ -167,44 +177,6 @@ def _target_text(target: dict[str, Any] | None) -> str:
     return text
 
 
-def _scalars(obj: Any, prefix: str = "", depth: int = 2) -> list[str]:
-    out: list[str] = []
-    if isinstance(obj, dict) and depth > 0:
-        for k, v in obj.items():
-            out += _scalars(v, f"{prefix}{k}.", depth - 1)
-    elif isinstance(obj, str | int | float | bool) or obj is None:
-        text = str(obj)
-        out.append(f"{prefix.rstrip('.')}: {text if len(text) <= 80 else text[:77] + '…'}")
-    return out
-
-
-def _training_data(data: dict[str, Any] | None) -> str:
-    if not data:
-        return "not recorded"
-    parts = []
-    if data.get("num_docs") is not None or data.get("num_tokens") is not None:
-        parts.append(f"{data.get('num_docs', '?'):,} documents, {data.get('num_tokens', '?'):,} tokens"
-                     if isinstance(data.get("num_docs"), int) and isinstance(data.get("num_tokens"), int)
-                     else f"{data.get('num_docs')} documents, {data.get('num_tokens')} tokens")
-    source = _scalars(data.get("source") or {})
-    if source:
-        parts.append("; ".join(source[:10]) + (" …" if len(source) > 10 else ""))
-    return " — ".join(parts) if parts else "not recorded"
-
-
-def _objective(train: dict[str, Any] | None) -> str:
-    if not train or "loss" not in train:
-        return "not recorded"
-    loss = str(train["loss"])
-    entry = LOSSES.get(loss)
-    text = f"`{loss}`: {entry.description if entry else loss}"
-    if entry is not None and entry.uses_eta and train.get("eta") is not None:
-        text += f" (η = {train['eta']:g})"
-    if train.get("gamma") is not None:
-        text += f"; head weights γ^(k−1), γ = {train['gamma']:g}"
-    return text
-
-
 def _spec(method: str, model_id: str, n: int) -> str:
     return json.dumps({"method": method, "model": model_id, "num_speculative_tokens": n})
 
@@ -230,13 +202,14 @@ def usage(arch: str, fmt: str, base: str, model_id: str, n: int) -> str:
 
 def model_card(*, draft: Draft, fmt: str, dtype: str, base_model: str, model_id: str,
                meta: dict[str, Any], target: dict[str, Any] | None, eval_rows: list[dict[str, Any]] | None,
-               eval_meta: dict[str, Any] | None,
-               source_heads: int, commit: str | None) -> str:
+               eval_meta: dict[str, Any] | None, source_heads: int, commit: str | None,
+               source_config: dict[str, Any] | None = None, eval_label: str | None = None) -> str:
+    """README.md in the reference cards' shape; `model-index` metadata from the eval rows (huggingface_hub)."""
     arch_name = "MLP-Speculator" if draft.arch == "mlp_speculator" else "MEDUSA"
     n = draft.num_heads
     lic_id, lic_text = license_note(base_model)
     train = meta.get("train") or {}
-    epochs = train.get("epochs")
+    start = meta.get("draft_start") or {}
     picked = []
     if meta.get("epoch") is not None:
         picked.append(f"epoch {meta['epoch']}")
@@ -245,41 +218,49 @@ def model_card(*, draft: Draft, fmt: str, dtype: str, base_model: str, model_id:
     heldout = meta.get("heldout") or {}
     if heldout.get("tau") is not None:
         picked.append(f"held-out simulated τ {heldout['tau']:.2f}")
-    epochs_text = (f"{epochs} epochs" if epochs is not None else "not recorded") + (
-        f" (selected checkpoint: {', '.join(picked)})" if picked else "")
     k_text = f"K = {n}" + (f" (first {n} of the {source_heads} trained heads)" if n != source_heads else "")
-    params = draft.num_parameters()
-    rows = [
+    bullets = [
         ("Base model", f"`{base_model}`"),
-        ("Trained against", _target_text(target)),
         ("Architecture", _architecture(draft)),
-        ("Parameters", f"{params / 1e6:.2f} M (distinct; tied weights counted once)"),
+        ("Training data", data_words(meta.get("data"), base_model.rsplit("/", 1)[-1])),
+        ("Objective", objective_words(train)),
+        ("Training", start_words(train, start, train.get("epochs"))
+         + (f"; selected checkpoint: {', '.join(picked)}" if picked else "")),
         ("Draft length", k_text),
-        ("Training data", _training_data(meta.get("data"))),
-        ("Objective", _objective(train)),
-        ("Training", epochs_text),
+        ("Vocabulary", vocab_words(source_config or draft.config.model_dump(), start, draft.config.head_rows)),
+        ("Parameters", f"{draft.num_parameters() / 1e6:.2f} M (distinct; tied weights counted once)"),
+        ("Trained against", _target_text(target)),
         ("Export", f"{dtype}, {'ArcticInference' if fmt == 'arctic' else 'vLLM'} layout, lkspec "
                    f"{lkspec.__version__}" + (f" (git {commit[:12]})" if commit else "")),
     ]
-    details = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    details = "\n".join(f"- **{k}**: {v}" for k, v in bullets)
+    em = eval_meta or {}
     if eval_rows:
-        em = eval_meta or {}
         note = (f"τ = tokens emitted per target forward pass (the bonus token included), measured exactly by "
                 f"lkspec's coupling replay with K = {em.get('k', '?')}, up to {em.get('max_new_tokens', '?')} "
                 f"new tokens, seed {em.get('seed', '?')}; [95% bootstrap CI over prompts]. Sampled drafts: "
                 f"Leviathan acceptance min(1, p/q) (lkspec's generator, vLLM ≤ 0.9.2 MLP); greedy drafts: "
-                f"the draft's argmax (vLLM 0.10–0.32 MEDUSA, ArcticInference).")
+                f"the draft's argmax (vLLM 0.10–0.32 MEDUSA, ArcticInference). vLLM's greedy drafting "
+                f"under-estimates what this draft accepts at T > 0: its acceptance is p(argmax q), not "
+                f"Σ min(p, q), so read the greedy column for those engines.")
         if em.get("k") is not None and em.get("k") != n:
             note += f" Evaluated with K = {em['k']}; this export serves {n} heads."
-        tau = f"{tau_table(eval_rows)}\n\n{note}"
+        compared = comparison(em.get("rows", []), em.get("differences", []), eval_label)
+        perf = (f"Mean over the benchmarks, every draft of the evaluation (same target samples):\n\n{compared}\n\n"
+                if compared else "")
+        tau = f"{perf}This draft per benchmark:\n\n{tau_table(eval_rows)}\n\n{note}"
     else:
         tau = "No evaluation results were attached (`lkspec export --eval results.json` adds them here)."
     tags = ["speculative-decoding", draft.arch.replace("_", "-"), "lk-losses", "lkspec"]
-    front = "\n".join(["---", f"base_model: {base_model}", f"license: {lic_id}", "tags:"]
-                      + [f"- {t}" for t in tags] + ["---"])
-    paper = ("MLP-Speculator: Wertheimer et al. 2024, arXiv:2404.19124" if draft.arch == "mlp_speculator"
-             else "MEDUSA: Cai et al. 2024, arXiv:2401.10774")
-    return f"""{front}
+    name = model_id if "/" in model_id.strip("./") else f"{arch_name}-{base_model.rsplit('/', 1)[-1]}"
+    card_data = model_index(eval_rows or [], base_model=base_model, license_id=lic_id, tags=tags,
+                            model_name=name, draft_label=eval_label)
+    local = "" if "/" in model_id.strip("./") else (
+        f"\n\n`{model_id}` is the folder holding this card: use its path, or the hub id once uploaded "
+        f"(`lkspec export --repo-id OWNER/NAME` writes it here).")
+    return f"""---
+{card_data.to_yaml()}
+---
 
 # {arch_name} draft for {base_model}, trained with LK losses
 
@@ -288,17 +269,17 @@ lkspec (LK losses, arXiv:2602.23881) to match the base model's next-token distri
 rejection sampling is lossless: the output distribution is the base model's; the draft only changes how
 many tokens each target forward pass emits (τ).
 
-## Model details
+## Training details
 
 {details}
 
-## Acceptance length τ
+## Performance: acceptance length τ
 
 {tau}
 
 ## Usage
 
-{usage(draft.arch, fmt, base_model, model_id, n)}
+{usage(draft.arch, fmt, base_model, model_id, n)}{local}
 
 `num_speculative_tokens` may be at most {n} (the heads in this checkpoint).
 
@@ -310,11 +291,13 @@ many tokens each target forward pass emits (τ).
 
 {lic_text}
 
-## References
+## Citation
 
-- LK losses: Samarin et al. 2026, "LK Losses: Direct Acceptance Rate Optimization for Speculative Decoding",
-  arXiv:2602.23881
-- {paper}
+```bibtex
+{BIBTEX_LK}
+
+{BIBTEX_ARCH.get(draft.arch, "")}
+```
 """
 
 
@@ -326,11 +309,11 @@ def provenance(*, draft: Draft, source: Path, layout_name: str, meta: dict[str, 
         "git_commit": commit,
         "git_dirty": dirty,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": {"path": str(source.resolve()), "layout": layout_name},
+        "source": {"path": source.name, "layout": layout_name},
         "arch": draft.arch,
         "draft_config": draft.config.model_dump(),
         "target": target,
-        "training": {k: meta.get(k) for k in ("train", "step", "epoch", "heldout")},
-        "data": meta.get("data"),
-        "export": export,
+        "training": public({k: meta.get(k) for k in ("train", "step", "epoch", "heldout", "draft_start")}),
+        "data": public(meta.get("data")),
+        "export": public(export),
     }

@@ -122,7 +122,7 @@ def export_draft(
     base_model_archs: list[str] | None = None,
     eval_results: str | Path | None = None,
     eval_draft: str | None = None,
-    model_id: str | None = None,
+    repo_id: str | None = None,
     overwrite: bool = False,
 ) -> ExportResult:
     """Write `out` = config.json + model.safetensors (vLLM / Arctic layout) + README.md + provenance.json."""
@@ -161,16 +161,19 @@ def export_draft(
         "source_num_heads": K,
         "base_model_name_or_path": base,
         "base_model_archs": archs,
-        "eval_results": str(Path(eval_results).resolve()) if eval_results is not None else None,
+        "eval_results": Path(eval_results).name if eval_results is not None else None,
+        "repo_id": repo_id,
         "eval_rows": len(eval_rows) if eval_rows else 0,
     }
     if expansion is not None:
         export_settings["full_vocab_expansion"] = expansion
     if isinstance(draft, MLPSpeculator) and n != K:
         export_settings["emb_rescale"] = mlp_mix_ratio(K, draft.config.inner) / mlp_mix_ratio(n, draft.config.inner)
-    model_ref = model_id or str(dst.resolve())
+    model_ref = repo_id or "."  # the card never names a local absolute path
     card = model_card(draft=exported, fmt=fmt, dtype=dtype, base_model=base, model_id=model_ref, meta=meta,
-                      target=target, eval_rows=eval_rows, eval_meta=eval_meta, source_heads=K, commit=commit)
+                      target=target, eval_rows=eval_rows, eval_meta=eval_meta, source_heads=K, commit=commit,
+                      source_config=draft.config.model_dump(),
+                      eval_label=str(eval_rows[0]["draft"]) if eval_rows else None)
     prov = provenance(draft=exported, source=src, layout_name=layout_name, meta=meta, target=target,
                       export=export_settings, commit=commit, dirty=dirty)
     try:
