@@ -5,6 +5,7 @@ Every user-fixable problem is an `LkspecError`, printed as one line (no tracebac
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -53,25 +54,59 @@ def _register_all() -> None:
         module.register(app)
 
 
+INTERRUPTED = ("interrupted: everything already written is kept; rerun the same command to resume where it "
+               "stopped (lkspec train: add --resume)")
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort) classes of every click the CLI may run on: typer >= 0.25 bundles its own copy
+    (`typer._click`), older typers use the `click` package, and the two do not share classes."""
+    usage: list[type] = []
+    abort: list[type] = []
+    for name in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage += [c for c in (getattr(mod, "ClickException", None),) if isinstance(c, type)]
+        abort += [c for c in (getattr(mod, "Abort", None),) if isinstance(c, type)]
+    return tuple(usage), tuple(abort)
+
+
+def _interrupted() -> None:
+    typer.secho("\n" + INTERRUPTED, err=True)  # on its own line, also when a progress bar was mid-line
+
+
+def _one_line(exc: Exception) -> str:
+    msg = " ".join(str(exc.format_message()).split()).rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", None)
+    return f"error: {msg}" + (f"; see `{where} --help`" if where else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register_all()
+    usage_errors, aborts = _click_exceptions()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except LkspecError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.secho("interrupted; rerun the same command to resume where it stopped", err=True)
+        _interrupted()
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+        if isinstance(exc, usage_errors):
+            typer.secho(_one_line(exc), fg=typer.colors.RED, err=True)
+            sys.exit(getattr(exc, "exit_code", 2) or 2)
+        if isinstance(exc, aborts):  # click turns Ctrl-C into Abort
+            _interrupted()
+            sys.exit(130)
         raise
+    if isinstance(code, int) and code:  # non-standalone click returns an Exit's code instead of exiting
+        if code == 130:
+            _interrupted()
+        sys.exit(code)
