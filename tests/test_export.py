@@ -313,6 +313,12 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     with pytest.raises(LkspecError, match=r"already exists; pass --overwrite"):
         export_draft(run, out)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(LkspecError, match=r"--overwrite replaces only a previous lkspec export"):
+        export_draft(run, out, overwrite=True)  # a folder lkspec did not export is never deleted (issue 13)
+    assert (out / "keep.txt").read_text() == "mine"
+    out = tmp_path / "export"
+    export_draft(run, out)
+    (out / "keep.txt").write_text("stale")
     export_draft(run, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind

@@ -296,3 +296,59 @@ def test_cli_all_skips_finished_stages_and_documents_flags(tiny_target_dir: Path
         assert cmd.help
         undocumented = [p.name for p in cmd.params if p.name != "help" and not getattr(p, "help", None)]
         assert undocumented == [], f"lkspec data {name}: {undocumented}"
+
+
+def test_damaged_shard_is_named_and_re_extracted(tiny_target: Target, tokens: Path, tmp_path: Path) -> None:
+    whole = extract_features(tiny_target, tokens, tmp_path / "f", dtype="float32", progress=False, **SMALL)
+    before = {row: tuple(t.clone() for t in d) for row, d in _docs(whole).items()}  # shards are memory-mapped
+    shard = tmp_path / "f" / "shard-00001.safetensors"
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(LkspecError, match=r"shard-00001\.safetensors is truncated or corrupt .*rerun the `lkspec "
+                                          r"data features` command") as e:
+        list(FeatureStore(tmp_path / "f").iter_docs())
+    assert "\n" not in str(e.value)
+    again = extract_features(tiny_target, tokens, tmp_path / "f", dtype="float32", progress=False, **SMALL)
+    assert _same(_docs(again), before)  # the damaged shard's documents were extracted again, the rest kept
+    assert len({s["file"] for s in again.shards}) == len(again.shards)
+
+
+def test_features_never_delete_files_in_a_foreign_folder(tiny_target: Target, tokens: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "shard-00000.safetensors").write_bytes(b"my own file")
+    (mine / ".shard-00001.tmp").write_bytes(b"also mine")
+    with pytest.raises(LkspecError, match="exists and is not a feature directory; choose a new output directory"):
+        extract_features(tiny_target, tokens, mine, dtype="float32", progress=False, **SMALL)
+    assert sorted(p.name for p in mine.iterdir()) == [".shard-00001.tmp", "shard-00000.safetensors"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real, tiny tmpfs (needs root, as in CI); the test is skipped where mounting is not allowed."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+
+    def mount(size: int) -> Path:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        return mnt
+
+    yield mount
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_real_full_disk_is_one_line_and_keeps_finished_shards(tiny_target: Target, tokens: Path, tmp_path: Path,
+                                                              small_disk) -> None:
+    whole = extract_features(tiny_target, tokens, tmp_path / "w", dtype="float32", progress=False, **SMALL)
+    need = sum(p.stat().st_size for p in (tmp_path / "w").iterdir())
+    disk = small_disk(max(4096 * 4, need // 2 // 4096 * 4096))
+    with pytest.raises(LkspecError, match=r"disk full while writing shard \d+ .* earlier shards are intact") as e:
+        extract_features(tiny_target, tokens, disk / "f", dtype="float32", progress=False, **SMALL)
+    assert "\n" not in str(e.value)
+    kept = FeatureStore(disk / "f")
+    assert 0 < len(kept.shards) < len(whole.shards) and len(list(kept.iter_docs())) == kept.num_docs

@@ -85,7 +85,8 @@ def test_jsonl_fields_malformed_rows_and_strict(tmp_path: Path) -> None:
     ps = load_prompts(source=str(path), prompt_field="q.text", shuffle=False)
     assert [r.id for r in ps.records] == ["a", "b"]
     assert ps.records[0].messages == [{"role": "user", "content": "first prompt"}]
-    assert ps.stats["malformed"] == 3 and ps.stats["read"] == 4  # bad JSON is not even a row
+    assert ps.stats["malformed"] == 2 and ps.stats["read"] == 4  # bad JSON is not even a row
+    assert ps.stats["no_prompt"] == 1  # an object without the prompt field is missing it, not malformed
     with pytest.raises(LkspecError, match=r"p\.jsonl:2: not valid JSON") as err:
         load_prompts(source=str(path), prompt_field="q.text", strict=True)
     assert "\n" not in str(err.value)
@@ -108,7 +109,7 @@ def test_auto_fields_chats_and_indexed_paths(tmp_path: Path) -> None:
         [{"role": "user", "content": "sharegpt style"}],
         [{"role": "user", "content": "alpaca style"}],
     ]
-    assert ps.records[0].id == "c.jsonl:1" and ps.stats["malformed"] == 1
+    assert ps.records[0].id == "c.jsonl:1" and ps.stats["no_prompt"] == 1 and ps.stats["malformed"] == 0
     row = {"conversation": [{"content": "p"}], "generated_message": {"content": "r"}}
     assert get_path(row, "conversation[0].content") == get_path(row, "conversation.0.content") == "p"
     assert get_path(row, "conversation[3].content") is None
@@ -182,3 +183,24 @@ def test_unreachable_hub_is_one_line_error() -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(LkspecError, match="is not 'sharegpt'"):
         load_prompts(source="not a source")
+
+
+def test_jsonl_edge_cases_are_counted_or_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13: a non-UTF-8 byte, a deeply nested line, an array saved as .jsonl, rows without the field."""
+    p = tmp_path / "e.jsonl"
+    p.write_bytes(b'{"prompt": "fine one"}\n{"prompt": "bad \xff byte"}\n' + b"[" * 100_000 + b"\n"
+                  + b'{"note": "no prompt field"}\n{"prompt": "fine two"}\n')
+    with caplog.at_level("WARNING"):
+        ps = load_prompts(source=str(p), shuffle=False)
+    assert [r.messages[0]["content"] for r in ps.records] == ["fine one", "fine two"]
+    assert (ps.stats["malformed"], ps.stats["no_prompt"]) == (2, 1)
+    assert "without a prompt (their fields: note); set --prompt-field" in caplog.text
+    with pytest.raises(LkspecError, match=r"e\.jsonl:2: not UTF-8; fix the row or drop --strict"):
+        load_prompts(source=str(p), strict=True)
+    p.write_bytes(b'{"prompt": "ok"}\n' + b"[" * 100_000 + b"\n")
+    with pytest.raises(LkspecError, match=r"e\.jsonl:2: nested too deeply"):
+        load_prompts(source=str(p), strict=True)
+    arr = tmp_path / "a.jsonl"
+    arr.write_text('[\n  {"prompt": "x"},\n  {"prompt": "y"}\n]\n')
+    with pytest.raises(LkspecError, match=r"a\.jsonl holds a JSON array, not JSON Lines .* rename it to a\.json"):
+        load_prompts(source=str(arr))

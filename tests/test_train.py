@@ -247,6 +247,26 @@ def test_resume_continues_and_refuses_changed_config(tiny_target: Target, tiny_t
     assert done.step == 12 and done.epoch == 2
 
 
+def test_resume_from_another_folder_refuses_other_documents(tiny_target: Target, tiny_target_dir: Path,
+                                                             tiny_docs: list[Doc], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative features path resolved again in another folder must not silently train on other data."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    write_features(here / "data" / "features", tiny_target.identity, tiny_docs)
+    write_features(there / "data" / "features", tiny_target.identity, tiny_docs[:8], shards=1)
+    run = tmp_path / "run"
+    monkeypatch.chdir(here)
+    cfg = tiny_config(Path("data/features"), tiny_target_dir, epochs=1, max_steps=2)
+    train(cfg, run, target=tiny_target)
+    monkeypatch.chdir(there)
+    with pytest.raises(LkspecError, match=rf"trained on the documents in {here / 'data' / 'features'}, but the "
+                                          r"features given .* hold different ones; resume with --features"):
+        train(tiny_config(Path("data/features"), tiny_target_dir, epochs=1), run, target=tiny_target, resume=True)
+    done = train(tiny_config(here / "data" / "features", tiny_target_dir, epochs=1), run, target=tiny_target,
+                 resume=True)
+    assert done.epoch == 1 and read_json(run / "config.json")["lkspec"]["data"]["heldout_docs"] > 1
+
+
 def test_init_from_warm_starts_weights_only(tiny_target: Target, tiny_target_dir: Path, features: Path,
                                             tmp_path: Path) -> None:
     train(tiny_config(features, tiny_target_dir, epochs=1, max_steps=2), tmp_path / "a", target=tiny_target)
@@ -304,13 +324,15 @@ def test_k_larger_than_the_data_allows(tiny_target: Target, tiny_target_dir: Pat
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_target: Target, tiny_target_dir: Path,
                                                               features: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
+    # warmup 1: step 1 runs at lr 0 (a checkpoint exists), step 2 at 1e30 (issue 13: the divergence check now
+    # stops the run as soon as the weights blow up, before the loss turns non-finite a step later)
     cfg = tiny_config(features, tiny_target_dir, checkpoint_every=1, **{
-        "optim.lr": 1e30, "optim.warmup_steps": 0, "optim.grad_clip": 0})
-    with pytest.raises(LkspecError, match=r"non-finite at step (\d+) in head (\d); the last good checkpoint "
-                                          r"\(step (\d+)\)") as e:
+        "optim.lr": 1e30, "optim.warmup_steps": 1, "optim.grad_clip": 0})
+    with pytest.raises(LkspecError, match=r"(non-finite at step (\d+) in head (\d)|diverged at step (\d+)).*; the "
+                                          r"last good checkpoint \(step (\d+)\)") as e:
         train(cfg, run, target=tiny_target)
     assert "\n" not in str(e.value)
-    step = int(str(e.value).split("at step ")[1].split()[0])
+    step = int(str(e.value).split("at step ")[1].split()[0].rstrip(":"))
     state = read_json(run / "trainer_state" / "state.json")
     assert state["step"] == step - 1
     last = load_draft(run / "last")

@@ -32,12 +32,24 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def describe_errors(exc: ValidationError) -> str:
+def _fields_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys valid where `loc` points (loc[:-1] walks nested models), or None if that is not a model."""
+    model: Any = cls
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field is not None else None
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return sorted(model.model_fields)
+    return None
+
+
+def describe_errors(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key {loc!r}")
+            valid = _fields_at(cls, tuple(err["loc"])) if cls is not None else None
+            parts.append(f"unknown key {loc!r}" + (f" (valid keys there: {', '.join(valid)})" if valid else ""))
         else:
             msg = err["msg"].removeprefix("Value error, ")
             parts.append(f"{loc}: {msg}")
@@ -45,12 +57,12 @@ def describe_errors(exc: ValidationError) -> str:
 
 
 def parse(cls: type[M], data: dict[str, Any], source: str = "config") -> M:
-    """Validate `data` as `cls`; raise one `LkspecError` line naming every bad key."""
+    """Validate `data` as `cls`; raise one `LkspecError` line naming every bad key and, for an unknown one,
+    the keys valid at its level."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        fields = ", ".join(sorted(cls.model_fields))
-        raise LkspecError(f"invalid {source}: {describe_errors(exc)} (valid keys: {fields})") from None
+        raise LkspecError(f"invalid {source}: {describe_errors(exc, cls)}") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lkspec.errors import LkspecError
@@ -91,18 +91,48 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases)
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=meta or None)
+        try:
+            save_file(flat, str(tmp), metadata=meta or None)
+        except SafetensorError as exc:  # the Rust writer's I/O errors are not OSError: make them one
+            raise _as_os_error(exc, tmp) from None
         os.chmod(tmp, 0o666 & ~_umask())  # save_file recreates the file owner-only: give the usual mode back
+
+
+def _as_os_error(exc: SafetensorError, path: Path) -> OSError:
+    text = str(exc)
+    code = next((e for e in DISK_FULL if f"os error {e})" in text), None)
+    if code is None and "No space left" in text:
+        code = errno.ENOSPC
+    return OSError(code or errno.EIO, text, str(path))
+
+
+DAMAGED_FIX = "delete it and rerun the lkspec command that wrote it"
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike[str], fix: str = DAMAGED_FIX) -> Iterator[Any]:
+    """`safe_open` whose failure on a truncated or corrupt file is one line naming the file and the fix."""
+    try:
+        f = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise LkspecError(f"{path} is missing; {fix}") from None
+        raise LkspecError(f"{path} is truncated or corrupt ({exc}); {fix}") from None
+    with f:
+        yield f
 
 
 def tensor_aliases(path: str | os.PathLike[str]) -> dict[str, str]:
     """The aliases `save_tensors(dedupe=True)` recorded in a file (empty for any other safetensors file)."""
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
     return dict(json.loads(meta[ALIASES_KEY])) if ALIASES_KEY in meta else {}
 
 
-def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                 fix: str = DAMAGED_FIX) -> dict[str, torch.Tensor]:
+    with open_safetensors(path, fix):  # a damaged file fails here, by name, before the full read
+        pass
     out = load_file(str(path), device=str(device))
     for name, same in tensor_aliases(path).items():
         out[name] = out[same]

@@ -9,6 +9,7 @@ work, so a rerun only re-does what changed; the pipeline itself is wiring plus o
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ from lkspec.train.checkpoint import state_dir
 log = logging.getLogger(__name__)
 
 RECORD = "pipeline.json"
+RECORD_FORMAT = "lkspec-pipeline/1"
+# everything run_pipeline and write_report put in an output folder: all that --fresh may delete
+OUTPUTS = ("data", "runs", "eval", "export", "report.md", "metrics.png", RECORD)
 
 
 class DataPart(StrictModel):
@@ -163,7 +167,28 @@ def _check_record(out: Path, cfg: PipelineConfig) -> None:
                               f"(--out) or pass --fresh to start over there")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(rec, {"format": "lkspec-pipeline/1", "config": now})
+        write_json(rec, {"format": RECORD_FORMAT, "config": now})
+
+
+def clear_outputs(out: Path) -> list[str]:
+    """--fresh: delete what a pipeline wrote in `out` (OUTPUTS) and nothing else; returns the names kept."""
+    try:
+        record = read_json(out / RECORD)
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise LkspecError(f"--fresh would delete {out}, which is not an lkspec output folder (no {RECORD} written "
+                          f"by lkspec); choose another --out")
+    for name in OUTPUTS:
+        p = out / name
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+    kept = sorted(p.name for p in out.iterdir())
+    if kept:
+        log.info("--fresh kept what lkspec did not write in %s: %s", out, ", ".join(kept[:5]))
+    return kept
 
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,

@@ -32,7 +32,7 @@ from lkspec.drafts import Draft, check_draft_target
 from lkspec.errors import LkspecError
 from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
 from lkspec.sampling import check_temperature, sample, warp_probs
-from lkspec.targets import Target
+from lkspec.targets import Target, cached_decoder
 
 GEN_RULES = ("sampled", "greedy")
 
@@ -181,11 +181,11 @@ class SpeculativeGenerator:
             g = torch.Generator(device=dev)
             g.manual_seed(seed if seed is not None else torch.seed())
         eos = set(target.eos_token_ids)
-        decoder = target.model.get_decoder()
+        decoder = cached_decoder(target.model)
         t0 = time.perf_counter()
         cache = DynamicCache(config=target.model.config)
         ids = torch.tensor([prompt], device=dev)
-        h_prev = decoder(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        h_prev = decoder(input_ids=ids[:, :-1], cache=cache, use_cache=True).last_hidden_state[:, -1]
         last = ids[:, -1]
         index = NgramIndex(self.ngram, prompt) if self.uses_ngram else None
         out: list[int] = []
@@ -195,7 +195,7 @@ class SpeculativeGenerator:
             drafts, q = self._propose(h_prev, last, index, g)
             m = int(drafts.shape[0])
             base = cache.get_seq_length()  # position of `last`
-            hs = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), past_key_values=cache,
+            hs = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), cache=cache,
                          use_cache=True).last_hidden_state[0]  # [m+1, H]
             p = self._p(hs)
             j, new = 0, []

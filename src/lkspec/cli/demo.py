@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ from lkspec.config import parse_assignment
 Sets = Annotated[list[str] | None, typer.Option(
     "--set", help="Override any config key, dotted: --set train.epochs=2 --set eval.limit=10 (repeatable).")]
 Fresh = Annotated[bool, typer.Option(
-    "--fresh", help="Delete the output folder's previous results first (default: reuse finished stages).")]
+    "--fresh", help="Delete what lkspec wrote in the output folder (data, runs, eval, export, report.md, "
+    "metrics.png, pipeline.json) first; other files stay (default: reuse finished stages).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars (stage headers and the table still print).")]
 
 
@@ -30,13 +30,10 @@ def _overrides(sets: list[str] | None) -> dict[str, object]:
 
 
 def _prepare_out(out: Path, fresh: bool) -> None:
-    from lkspec.errors import LkspecError
-    from lkspec.pipeline import RECORD
+    from lkspec.pipeline import clear_outputs
 
     if fresh and out.exists():
-        if not (out / RECORD).is_file():
-            raise LkspecError(f"--fresh would delete {out}, which is not an lkspec output folder; choose another --out")
-        shutil.rmtree(out)
+        clear_outputs(out)
 
 
 def _finish(res: object, out: Path, t0: float, title: str) -> None:

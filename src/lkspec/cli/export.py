@@ -35,7 +35,8 @@ RepoIdOpt = Annotated[str | None, typer.Option(
     "--repo-id", "--model-id", help="The hub repository you will upload the export to (OWNER/NAME): the card's "
     "usage snippets and metadata name it (default: '.', the folder holding the card; never a local absolute "
     "path).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace --out if it is a previous lkspec export (anything else is refused).")]
 
 
 def export(

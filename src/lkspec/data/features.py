@@ -33,7 +33,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from lkspec.config import StrictModel, flag
@@ -43,7 +42,7 @@ from lkspec.data.plan import estimate_bytes, forward_docs, plan_shards, row_leng
 from lkspec.data.regenerate import META, load_tokens
 from lkspec.data.source import STORAGE_DTYPES, Doc, DocSource, ShardedDocs, storage_dtype
 from lkspec.errors import LkspecError
-from lkspec.io import disk_full_is_one_line, read_json, save_tensors, write_json
+from lkspec.io import disk_full_is_one_line, open_safetensors, read_json, save_tensors, write_json
 from lkspec.targets import Target, TargetIdentity
 
 __all__ = [
@@ -88,9 +87,14 @@ class FeatureStore(ShardedDocs):
         if self.index.get("format") != FORMAT:
             raise LkspecError(f"{self.path}/{INDEX} has format {self.index.get('format')!r}, expected {FORMAT!r}")
 
+    @property
+    def damaged_fix(self) -> str:
+        return (f"rerun the `lkspec data features` command that made {self.path}: it re-extracts damaged "
+                f"shards and keeps the rest")
+
     def load_shard(self, i: int) -> list[Doc]:
         info = self.shards[i]
-        with safe_open(str(self.path / info["file"]), framework="pt") as f:
+        with open_safetensors(self.path / info["file"], self.damaged_fix) as f:
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         off = t["doc_offsets"].tolist()
         return [
@@ -107,7 +111,7 @@ class FeatureStore(ShardedDocs):
     def iter_doc_masks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """Reads only `rows`, `doc_offsets` and `loss_mask` of each shard (safetensors loads lazily)."""
         for info in self.shards:
-            with safe_open(str(self.path / info["file"]), framework="pt") as f:
+            with open_safetensors(self.path / info["file"], self.damaged_fix) as f:
                 rows, off, mask = f.get_tensor("rows"), f.get_tensor("doc_offsets"), f.get_tensor("loss_mask")
             o = off.tolist()
             for d in range(len(o) - 1):
@@ -121,7 +125,6 @@ class FeatureWriter:
                  meta: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.dtype = storage_dtype(dtype)
-        self.path.mkdir(parents=True, exist_ok=True)
         if (self.path / INDEX).is_file():
             store = FeatureStore(self.path)
             store.check_target(identity)
@@ -131,11 +134,16 @@ class FeatureWriter:
                     f"{store.index['dtype']} to resume or choose a new output directory"
                 )
             self.index = store.index
+            self._remove_orphans()
+            self._drop_damaged()
         else:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise LkspecError(f"{self.path} exists and is not a feature directory; choose a new output "
+                                  f"directory (lkspec writes features only into an empty or its own folder)")
+            self.path.mkdir(parents=True, exist_ok=True)
             self.index = {"format": FORMAT, "target": identity.model_dump(), "dtype": dtype,
                           "hidden_size": identity.hidden_size, "meta": meta or {}, "shards": []}
             write_json(self.path / INDEX, self.index)
-        self._remove_orphans()
 
     def _remove_orphans(self) -> None:
         """Shard files not in the index (a crash between the shard and the index write) are dropped."""
@@ -145,6 +153,21 @@ class FeatureWriter:
                 f.unlink()
         for f in self.path.glob(".shard-*.tmp"):
             f.unlink()
+
+    def _drop_damaged(self) -> None:
+        """A listed shard whose file is missing or unreadable (truncated, corrupt) leaves the index, so the
+        rerun extracts its documents again; every other shard is kept."""
+        good = []
+        for info in self.index["shards"]:
+            try:
+                with open_safetensors(self.path / info["file"]):
+                    good.append(info)
+            except LkspecError as exc:
+                log.warning("%s; re-extracting its %d documents", exc, info["num_docs"])
+                (self.path / info["file"]).unlink(missing_ok=True)
+        if len(good) != len(self.index["shards"]):
+            self.index["shards"] = good
+            write_json(self.path / INDEX, self.index)
 
     def done_rows(self) -> set[int]:
         return {int(r) for s in self.index["shards"] for r in s.get("rows", [])}
@@ -166,7 +189,10 @@ class FeatureWriter:
         }
         if all(d.target_lse is not None for d in docs):
             tensors["target_lse"] = torch.cat([d.target_lse.float().cpu() for d in docs])  # type: ignore[union-attr]
-        name = f"shard-{len(self.index['shards']):05d}.safetensors"
+        used, n = {s["file"] for s in self.index["shards"]}, len(self.index["shards"])
+        while f"shard-{n:05d}.safetensors" in used:  # a re-extracted damaged shard leaves a gap in the numbers
+            n += 1
+        name = f"shard-{n:05d}.safetensors"
         save_tensors(self.path / name, tensors)
         entry = {
             "file": name,

@@ -205,17 +205,22 @@ def _sharegpt_messages(row: Any, cfg: PromptConfig) -> Messages | None:
 def _jsonl_rows(cfg: PromptConfig) -> Iterator[Row | None]:
     path = _prompt_file(cfg)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    first = True
+    with opener(path, "rb") as f:  # bytes: one bad line must not end the file (decoded line by line)
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
+            if first and raw.lstrip().startswith(b"["):
+                raise LkspecError(f"{path} holds a JSON array, not JSON Lines (one object per line); rename it "
+                                  f"to {path.stem}.json to read it as an array")
+            first = False
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                why = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply"}.get(
+                    type(exc), f"not valid JSON ({getattr(exc, 'msg', exc)})")
                 if cfg.strict:
-                    raise LkspecError(
-                        f"{path}:{line_no}: not valid JSON ({exc.msg}); fix the row or drop --strict"
-                    ) from None
+                    raise LkspecError(f"{path}:{line_no}: {why}; fix the row or drop --strict") from None
                 yield None
                 continue
             yield _row_id(row, cfg, f"{path.name}:{line_no}"), row, f"{path}:{line_no}"

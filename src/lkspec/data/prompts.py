@@ -122,9 +122,10 @@ class FilterStats:
     too_short: int = 0
     too_long: int = 0
     kept: int = 0
+    fields_seen: set[str] = field(default_factory=set)  # of rows without a prompt: named in the warning
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "fields_seen"}
 
     def line(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.as_dict().items() if v or k in ("read", "kept"))
@@ -134,15 +135,17 @@ def _to_record(row: Row, reader: Reader, cfg: PromptConfig, stats: FilterStats) 
     rid, value, where = row
     messages = reader.messages(value, cfg)
     if messages is None:
-        if reader.prompt_optional:
-            stats.no_prompt += 1
-            return None
-        if cfg.strict:
+        if cfg.strict and not reader.prompt_optional:
             fields = ", ".join(map(str, value)) if isinstance(value, dict) else "-"
             raise LkspecError(
                 f"{where}: no prompt found (fields: {fields}); set --prompt-field / --messages-field or drop --strict"
             )
-        stats.malformed += 1
+        if not isinstance(value, dict) and not reader.prompt_optional:
+            stats.malformed += 1  # not even an object: no field could hold a prompt
+            return None
+        stats.no_prompt += 1  # an object without the prompt field: the fix is naming the field
+        if not reader.prompt_optional:
+            stats.fields_seen.update(map(str, value))
         return None
     response = extract_response(value, cfg)
     if cfg.response_field and cfg.use_responses and response is None:
@@ -207,6 +210,10 @@ def load_prompts(cfg: PromptConfig | None = None, **overrides: Any) -> PromptSet
     if stats.malformed:
         log.warning("skipped %d malformed rows in %s (use --strict to stop at the first)", stats.malformed,
                     cfg.source)
+    if stats.no_prompt and not reader.prompt_optional:
+        log.warning("skipped %d rows of %s without a prompt (their fields: %s); set --prompt-field / "
+                    "--messages-field if the prompt is under another name", stats.no_prompt, cfg.source,
+                    ", ".join(sorted(stats.fields_seen)[:8]) or "-")
     log.info("prompts from %s: %s", cfg.source, stats.line())
     return PromptSet(records=records, config=cfg, stats=stats.as_dict())
 

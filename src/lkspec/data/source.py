@@ -9,6 +9,8 @@ and identity derived from it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +39,13 @@ class Doc:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+def data_identity(src: DocSource) -> dict[str, str]:
+    """Where the documents are and what they are: the absolute path and a digest of the index (which lists
+    every shard's rows and token counts and the target), so a resumed run can refuse any other documents."""
+    digest = hashlib.sha256(json.dumps(src.index, sort_keys=True).encode()).hexdigest()
+    return {"path": str(Path(src.path).resolve()), "fingerprint": digest[:20]}
 
 
 def storage_dtype(name: str) -> torch.dtype:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from lkspec.config import parse
 from lkspec.drafts.base import CONFIG_FILE, WEIGHTS_FILE, Draft, DraftConfig, check_draft_target, draft_class
@@ -43,13 +42,17 @@ from lkspec.drafts.vllm_names import (
     tied_source,
 )
 from lkspec.errors import LkspecError
-from lkspec.io import read_json, tensor_aliases
+from lkspec.io import open_safetensors, read_json, tensor_aliases
 from lkspec.targets import TargetIdentity
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "provenance.json"
+EXPORT_FORMAT = "lkspec-export/"  # provenance.json "format" of an lkspec export, + version
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+DAMAGED_DRAFT = ("the draft's weights are damaged; re-export it, or retrain it (a training run keeps a copy "
+                 "in RUN/last)")
 
 
 @dataclass
@@ -99,7 +102,7 @@ def _scan(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """{tensor name: (file, shape)} from the safetensors headers only (nothing is loaded)."""
     out: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as s:
+        with open_safetensors(f, DAMAGED_DRAFT) as s:
             for k in s.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if k in out:
                     raise LkspecError(f"tensor {k!r} appears in both {out[k][0].name} and {f.name}; keep one copy")
@@ -257,6 +260,19 @@ def expected_names(config: DraftConfig) -> set[str]:
     return set(draft_class(config.arch)(config.model_copy(update=widths)).export_state_dict())
 
 
+def check_shapes(d: Path, config: DraftConfig, found: dict[str, tuple[int, ...]]) -> None:
+    """A config.json edited or copied from another draft (wrong vocab_size, hidden_size, inner_dim) is named
+    as such: without this it surfaces as a mismatch with the target or a tensor-copy traceback."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        want = {k: tuple(v.shape) for k, v in draft_class(config.arch)(config).export_state_dict().items()}
+    wrong = [(k, shape) for k, shape in found.items() if k in want and want[k] != tuple(shape)]
+    if wrong:
+        k, shape = wrong[0]
+        raise LkspecError(f"{d}/{CONFIG_FILE} does not match the draft's weights: {k} is {list(shape)} in the "
+                          f"weights but {list(want[k])} by the config ({len(wrong)} tensors differ); fix "
+                          f"vocab_size / hidden_size / inner_dim in {CONFIG_FILE} or re-export the draft")
+
+
 def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
     """Read a draft directory in any supported layout (see the module docstring).
 
@@ -305,12 +321,14 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
             f"unknown {_short(unknown)}{hint}; fix config.json or the weights"
         )
     origin = {name: plan.aliases.get(name, name) for name in expected}  # lkspec name -> source it reads
+    check_shapes(d, config, {name: scan[plan.sources[src][1]][1] for name, src in origin.items()
+                             if plan.sources[src][1] in scan})
     by_file: dict[Path, set[str]] = {}
     for src in set(origin.values()):
         by_file.setdefault(plan.sources[src][0], set()).add(src)
     loaded: dict[str, torch.Tensor] = {}
     for f, srcs in by_file.items():
-        with safe_open(str(f), framework="pt") as s:
+        with open_safetensors(f, DAMAGED_DRAFT) as s:
             for src in srcs:
                 loaded[src] = s.get_tensor(plan.sources[src][1])
     tensors = {name: loaded[src] * plan.scale[name] if name in plan.scale else loaded[src]

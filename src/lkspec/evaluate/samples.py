@@ -38,7 +38,7 @@ from lkspec.data.source import Doc
 from lkspec.errors import LkspecError
 from lkspec.io import load_tensors, save_tensors, write_json
 from lkspec.sampling import check_temperature, warp_probs
-from lkspec.targets import Target, cache_dir
+from lkspec.targets import Target, cache_dir, cached_decoder
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,9 @@ def generate_batch(
         mask[i, Pm - len(p) :] = 1
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    decoder = target.model.get_decoder()
+    decoder = cached_decoder(target.model)
     cache = DynamicCache(config=target.model.config)
-    h = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True).last_hidden_state
+    h = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
     hidden: list[list[torch.Tensor]] = [[h[i, -2], h[i, -1]] for i in range(B)]
     tokens: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
@@ -184,7 +183,7 @@ def generate_batch(
             active = [active[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
         last_h = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                         past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                         cache=cache, use_cache=True).last_hidden_state[:, -1]
         next_pos = next_pos + 1
         for j, i in enumerate(active):
             hidden[i].append(last_h[j])

@@ -20,6 +20,7 @@ from typing import Any
 import lkspec
 from lkspec.data.benchmarks import BENCHMARKS
 from lkspec.drafts import Draft, Medusa, MLPSpeculator
+from lkspec.drafts.checkpoint import EXPORT_FORMAT
 from lkspec.errors import LkspecError
 from lkspec.export.card_facts import (
     BIBTEX_ARCH,
@@ -304,7 +305,7 @@ many tokens each target forward pass emits (τ).
 def provenance(*, draft: Draft, source: Path, layout_name: str, meta: dict[str, Any], target: dict[str, Any] | None,
                export: dict[str, Any], commit: str | None, dirty: bool | None) -> dict[str, Any]:
     return {
-        "format": "lkspec-export/1",
+        "format": f"{EXPORT_FORMAT}1",
         "lkspec_version": lkspec.__version__,
         "git_commit": commit,
         "git_dirty": dirty,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lkspec.drafts import Draft, MLPSpeculator, load_draft
-from lkspec.drafts.checkpoint import PROVENANCE_FILE, read_checkpoint
+from lkspec.drafts.checkpoint import EXPORT_FORMAT, PROVENANCE_FILE, read_checkpoint
 from lkspec.errors import LkspecError
 from lkspec.export.card import KNOWN_ARCHS, KNOWN_HUB_IDS, git_state, model_card, provenance, select_eval_rows
 from lkspec.export.layouts import OFF_MAP_LOGIT, full_vocab_mlp, mlp_mix_ratio, parse_dtype, truncate
@@ -111,6 +111,15 @@ def kept_logit_gap(truncated: Draft, wide: Draft, seed: int = 0) -> float:
                    for x, y in zip(truncated(hidden, ids), wide(hidden, ids), strict=True))
 
 
+def is_export(path: Path) -> bool:
+    """Whether `path` is a directory `export_draft` wrote (its provenance.json says so)."""
+    try:
+        prov = read_json(path / PROVENANCE_FILE)
+    except (OSError, ValueError):
+        return False
+    return path.is_dir() and isinstance(prov, dict) and str(prov.get("format", "")).startswith(EXPORT_FORMAT)
+
+
 def export_draft(
     draft_dir: str | Path,
     out: str | Path,
@@ -131,6 +140,9 @@ def export_draft(
         raise LkspecError(f"{dst} already exists; pass --overwrite to replace it or choose another --out")
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise LkspecError(f"--out {dst} would replace the draft being exported ({src}); choose another --out")
+    if dst.exists() and not is_export(dst):
+        raise LkspecError(f"--overwrite replaces only a previous lkspec export, and {dst} is not one (no "
+                          f"{PROVENANCE_FILE} written by lkspec export); choose another --out")
     torch_dtype = parse_dtype(dtype)
     source = read_checkpoint(src, weights=False)
     raw, layout_name = source.raw, source.layout
@@ -142,6 +154,7 @@ def export_draft(
     exported = truncate(draft, n)
     expansion: dict[str, Any] | None = None
     if isinstance(exported, MLPSpeculator) and exported.config.truncated:
+        log.info("expanding the token-map draft to its exact full-vocabulary twin (vLLM's MLPSpeculator layout)")
         wide = full_vocab_mlp(exported)  # vLLM's MLPSpeculator cannot hold a token map: an exact twin
         expansion = {"draft_vocab_size": exported.config.draft_vocab_size, "inner_dim": wide.config.inner,
                      "off_map_logit": OFF_MAP_LOGIT, "max_kept_logit_gap": kept_logit_gap(exported, wide)}
@@ -178,11 +191,14 @@ def export_draft(
                       export=export_settings, commit=commit, dirty=dirty)
     try:
         with atomic_dir(dst, overwrite=overwrite) as tmp:
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            log.info("writing %s (%.2f GiB) and config.json, README.md", WEIGHTS_FILE, size / 2**30)
             save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
             write_json(tmp / CONFIG_FILE, cfg)
             (tmp / README_FILE).write_text(card)
             # the export must load back through the importer as the same draft: same config, every tensor the
             # rounded one we wrote (so every head's logits are those of the weights rounded to --dtype)
+            log.info("checking that the export reloads as the same draft (every tensor, every head's logits)")
             back = load_draft(tmp)
             reloaded = back.state_dict()
             differ = [k for k, t in tensors.items() if not torch.equal(reloaded[k], t.to(reloaded[k].dtype))]

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from lkspec.io import read_json
+from lkspec.io import open_safetensors, read_json
 from lkspec.targets.model import (
     Target,
     TargetIdentity,
@@ -96,6 +95,9 @@ class LMHead:
         return self
 
 
+DAMAGED_TARGET = "the target's weights are damaged; download or convert the target again"
+
+
 def _checkpoint_file(source: Path | str, filename: str) -> Path | None:
     """`filename` inside a local model directory or a hub repo (downloaded once), or None if absent."""
     if isinstance(source, Path) or Path(str(source)).is_dir():
@@ -132,7 +134,7 @@ def _weight_map(source: Path | str) -> dict[str, str]:
     single = _checkpoint_file(source, "model.safetensors")
     if single is None:
         raise FileNotFoundError("no safetensors checkpoint")
-    with safe_open(str(single), framework="pt") as f:
+    with open_safetensors(single, DAMAGED_TARGET) as f:
         return dict.fromkeys(f.keys(), "model.safetensors")
 
 
@@ -143,7 +145,7 @@ def _read(source: Path | str | None, weight_map: dict[str, str], names: list[str
         if source is not None and n in weight_map:
             path = _checkpoint_file(source, weight_map[n])
             if path is not None:
-                with safe_open(str(path), framework="pt") as f:
+                with open_safetensors(path, DAMAGED_TARGET) as f:
                     return f.get_tensor(n).to(device=device, dtype=dtype)
     return None
 

@@ -9,8 +9,10 @@ made for one target are never silently used with another.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -106,6 +108,18 @@ def final_norm(model: Any) -> torch.nn.Module | None:
         if isinstance(module, torch.nn.Module):
             return module
     return None
+
+
+def cached_decoder(model: Any) -> Callable[..., Any]:
+    """The decoder called with a KV cache under the keyword this transformers takes: `cache` (5.x, where
+    `past_key_values` still works but warns) or `past_key_values` (4.x)."""
+    decoder = model.get_decoder()
+    key = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+    def call(*, cache: Any, **kw: Any) -> Any:
+        return decoder(**kw, **{key: cache})
+
+    return call
 
 
 @torch.no_grad()

@@ -116,7 +116,9 @@ def read_trainer_state(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     if d is None:
         raise LkspecError(f"{run} has no {STATE_DIR}/ to resume from; start a new run without --resume")
     state = read_json(d / "state.json")
-    model_sd = load_tensors(d / "model.safetensors")
-    optim_sd = _opt_state_dict(load_tensors(d / "optimizer.safetensors"), state["optimizer"])
-    rng = load_tensors(d / "rng.safetensors")
+    fix = (f"the checkpoint is damaged and cannot resume; start a new run from its weights with --init-from "
+           f"{run}/{LAST_DIR}")
+    model_sd = load_tensors(d / "model.safetensors", fix=fix)
+    optim_sd = _opt_state_dict(load_tensors(d / "optimizer.safetensors", fix=fix), state["optimizer"])
+    rng = load_tensors(d / "rng.safetensors", fix=fix)
     return model_sd, optim_sd, state, lambda: set_rng_state(rng, state["python_rng"])

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm.auto import tqdm
 
 from lkspec.data.features import Doc
+from lkspec.data.source import data_identity
 from lkspec.drafts import Draft
 from lkspec.errors import LkspecError
 from lkspec.io import atomic_dir, atomic_path
@@ -38,6 +39,11 @@ from lkspec.train.setup import METRICS, TeacherHead, build_setup
 log = logging.getLogger(__name__)
 
 HELDOUT_CACHE_BYTES = 1 << 30
+# Divergence: a step loss this many times the run's lowest, or weights this many times their starting norm.
+# Healthy runs move neither by more than a few times; a too-high learning rate moves both by orders of
+# magnitude within a few steps, and every later checkpoint would save the wreck as if it were training.
+DIVERGED_LOSS = 100.0
+DIVERGED_NORM = 1000.0
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Trainer:
         self.step = self.epoch = self.batches_done = 0
         self.best_tau: float | None = None
         self.last_ckpt_step: int | None = None
+        self.min_loss = math.inf
         self.epoch_stats = EpochStats.empty(self.cfg.draft.num_heads)
         self.metrics = MetricsLog(run / METRICS, enabled=s.ctx.is_main, tensorboard_dir=run / "tb")
         self._heldout_cache: list[Doc] | None = None
@@ -82,6 +89,7 @@ class Trainer:
             self._restore()
         else:
             self._start()
+        self.start_norm = 0.0 if s.fsdp else self._weight_norm()  # DTensor shards: only the loss is checked
 
     @property
     def draft(self) -> Draft:
@@ -186,6 +194,7 @@ class Trainer:
         tokens = sum(len(d) for d in batch)
         dt = time.perf_counter() - t0
         loss = summary.total_loss(cfg.loss.gamma)
+        self._check_divergence(loss)
         if self.step % cfg.log_every == 0:
             self.metrics.write({"kind": "step", "step": self.step, "epoch": self.epoch + 1, "lr": lr, "loss": loss,
                                 "train": summary.record(), "perf": {"tokens": tokens, "seconds": dt,
@@ -195,13 +204,34 @@ class Trainer:
                             f"{tokens / dt:.0f} tok/s", refresh=False)
         bar.update(1)
 
+    def _kept(self) -> str:
+        if self.last_ckpt_step is None:
+            return "no checkpoint was written yet"
+        return (f"the last good checkpoint (step {self.last_ckpt_step}) is in {self.run_dir}/{LAST_DIR} and the best "
+                f"held-out draft in {self.run_dir} (a new run with --init-from either keeps its weights)")
+
     def _nonfinite(self, step: int, what: str) -> LkspecError:
-        kept = (f"the last good checkpoint (step {self.last_ckpt_step}) is in {self.run_dir}/{LAST_DIR}"
-                if self.last_ckpt_step is not None else "no checkpoint was written yet")
-        return LkspecError(
-            f"loss became non-finite at step {step} in {what}; {kept}; lower optim.lr or check the features "
-            f"for NaN/inf (start a new run, --init-from {self.run_dir}/{LAST_DIR} keeps the weights)"
-        )
+        return LkspecError(f"loss became non-finite at step {step} in {what}; lower optim.lr or check the features "
+                           f"for NaN/inf; {self._kept()}")
+
+    def _weight_norm(self) -> float:
+        with torch.no_grad():
+            return float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.detach().float()) for p in self.s.params])))
+
+    def _check_divergence(self, loss: float) -> None:
+        """Stop a run whose loss or weights have blown up (see DIVERGED_*) instead of saving it as trained."""
+        self.min_loss = min(self.min_loss, loss)
+        low = max(self.min_loss, 1e-3)
+        norm = self._weight_norm() if self.step % self.cfg.log_every == 0 and not self.s.fsdp else 0.0
+        if loss > DIVERGED_LOSS * low:
+            what = f"the loss rose to {loss:.3g}, {loss / low:.0f}x its lowest ({self.min_loss:.3g})"
+        elif not math.isfinite(norm) or norm > DIVERGED_NORM * max(self.start_norm, 1e-6):
+            what = f"the weights' norm grew to {norm:.3g} from {self.start_norm:.3g}"
+        else:
+            return
+        raise LkspecError(f"training diverged at step {self.step}: {what}; lower optim.lr (now {self.cfg.optim.lr:g}); "
+                          f"{self._kept()}")
 
     # ----- evaluation and the best draft -------------------------------------------------------------
     def _heldout_docs(self) -> list[Doc]:
@@ -240,7 +270,7 @@ class Trainer:
         plan, store = self.s.plan, self.s.store
         meta: dict[str, Any] = {
             "train": config_dict(self.cfg),
-            "data": {"features": str(store.path) or None, "num_docs": plan.num_docs, "num_tokens": plan.num_tokens,
+            "data": {"features": data_identity(store)["path"], "num_docs": plan.num_docs, "num_tokens": plan.num_tokens,
                      "train_docs": len(plan.train_rows), "heldout_docs": len(plan.heldout_rows),
                      "source": store.meta},
             "draft_start": self.notes,
@@ -295,7 +325,7 @@ class Trainer:
                 "batches_done": self.batches_done, "best_tau": self.best_tau,
                 "metrics_offset": self.metrics.offset(), "config": config_dict(self.cfg),
                 "scheduler": self.s.scheduler.state_dict(), **self.epoch_stats.state(), "world_size": self.ctx.world,
-                "notes": self.notes,
+                "notes": self.notes, "data": data_identity(self.s.store),
             }
             try:
                 self._guard_write("checkpoint", write_last)

@@ -18,13 +18,14 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lkspec.data.features import Doc, FeatureStore
+from lkspec.data.source import data_identity
 from lkspec.drafts import Draft, build_draft, load_draft
 from lkspec.errors import LkspecError
 from lkspec.io import read_json
 from lkspec.targets import TargetIdentity, TargetTensors, load_lm_head
 from lkspec.train.batching import DataPlan, DocSource, plan_data, survey
 from lkspec.train.checkpoint import state_dir
-from lkspec.train.config import CONFIG_YAML, TrainConfig, changed_keys, config_dict
+from lkspec.train.config import CONFIG_YAML, RESUMABLE_KEYS, TrainConfig, changed_keys, config_dict
 from lkspec.train.distributed import DistContext, shard_draft
 from lkspec.train.step import StepRunner, Teacher, head_modules
 from lkspec.train.vocab import choose_vocab, read_token_list
@@ -80,7 +81,11 @@ def check_run_dir(run: Path, cfg: TrainConfig, resume: bool, init_from: str | Pa
                 log.info("%s has no checkpoint yet; starting it from step 0", run)
                 return False
             raise LkspecError(f"{run} has no trainer_state/ to resume from; start a new run without --resume")
-        diffs = changed_keys(read_json(d / "state.json")["config"], config_dict(cfg))
+        state = read_json(d / "state.json")
+        # a run that recorded its data's identity is checked by content (check_same_data), not by the spelling
+        # of its features path, which may be relative to another directory
+        ignore = (*RESUMABLE_KEYS, "features") if "data" in state else RESUMABLE_KEYS
+        diffs = changed_keys(state["config"], config_dict(cfg), ignore)
         if diffs:
             raise LkspecError(
                 f"{run} was started with a different config ({'; '.join(diffs)}); resume with the original "
@@ -91,6 +96,21 @@ def check_run_dir(run: Path, cfg: TrainConfig, resume: bool, init_from: str | Pa
         raise LkspecError(f"{run} already holds a training run; pass --resume to continue it or choose a new "
                           f"output directory")
     return False
+
+
+def check_same_data(run: Path, store: DocSource) -> None:
+    """A resumed run must read the very documents it started on, wherever the command is run from."""
+    d = state_dir(run)
+    recorded = read_json(d / "state.json").get("data") if d is not None else None
+    if recorded is None:  # checkpoints older than the identity record
+        return
+    now = data_identity(store)
+    if now["fingerprint"] != recorded["fingerprint"]:
+        where = "" if now["path"] == recorded["path"] else f" ({store.path} is {now['path']})"
+        raise LkspecError(
+            f"{run} was trained on the documents in {recorded['path']}, but the features given{where} hold "
+            f"different ones; resume with --features {recorded['path']} or start a new run directory"
+        )
 
 
 def open_store(cfg: TrainConfig) -> DocSource:
@@ -191,6 +211,8 @@ def build_setup(config: TrainConfig, run: Path, *, store: DocSource | None, teac
     store = store if store is not None else open_store(cfg)
     teacher = teacher if teacher is not None else open_teacher(cfg, store, ctx.device)
     store.check_target(teacher.identity)
+    if resume:
+        check_same_data(run, store)
     K = cfg.draft.num_heads
     plan = plan_data(survey(store, K), num_heads=K, heldout_fraction=cfg.data.heldout_fraction,
                      heldout_max_docs=cfg.data.heldout_max_docs, batch_size=cfg.data.batch_size,
