@@ -58,7 +58,7 @@ def prompts_cmd(
     overrides: dict[str, Any] | None = None,
 ) -> None:
     """Load, clean and inspect a prompt set; optionally export it to JSONL."""
-    ps = load_prompts(_section(PromptConfig, overrides or {}, "prompts.", "prompt options"))
+    ps = load_prompts(_section(PromptConfig, overrides or {}, "prompts.", "prompt options"), progress=True)
     typer.echo(f"{len(ps.records)} prompts from {ps.config.source} ({json.dumps(ps.stats)})")
     for rec in ps.records[:show]:
         text = rec.messages[-1]["content"].replace("\n", " ")
@@ -76,7 +76,7 @@ def regenerate_cmd(
     """Have the target answer every prompt; write the tokens dataset (input_ids, loss_mask, prompt_id)."""
     pcfg = _section(PromptConfig, overrides or {}, "prompts.", "prompt options")
     rcfg = _section(RegenConfig, overrides or {}, "regenerate.", "generation options")
-    ps = load_prompts(pcfg)
+    ps = load_prompts(pcfg, progress=not quiet)
     meta = regenerate(_load_target(target, device, rcfg.backend), ps, out, rcfg, progress=not quiet)
     typer.echo(f"tokens dataset {out}: {json.dumps(meta['counts'])}")
 

@@ -25,7 +25,7 @@ def run_all(get_target: Callable[[str], Target], prompts: PromptConfig, regen: R
     """`get_target(stage)` for stage "regenerate" / "features" (the vLLM backend keeps its HF copy on CPU)."""
     out = Path(out)
     paths = {"prompts": out / "prompts.jsonl", "tokens": out / "tokens", "features": out / "features"}
-    ps = load_prompts(prompts)
+    ps = load_prompts(prompts, progress=progress)
     new = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in ps.records)
     if paths["prompts"].is_file() and paths["prompts"].read_text(encoding="utf-8") == new:
         log.info("prompts: %s is up to date (%d prompts)", paths["prompts"], len(ps.records))

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from lkspec.data.json_array import iter_json_array
 from lkspec.data.prompt_sources import (
     AUTO_LIST_FIELDS,
@@ -156,11 +158,13 @@ def _to_record(row: Row, reader: Reader, cfg: PromptConfig, stats: FilterStats) 
     return PromptRecord(id=rid, messages=messages, source=cfg.source, response=response)
 
 
-def _cleaned(reader: Reader, cfg: PromptConfig, stats: FilterStats) -> Iterator[PromptRecord]:
+def _cleaned(reader: Reader, cfg: PromptConfig, stats: FilterStats, progress: bool = False) -> Iterator[PromptRecord]:
     """Records that pass every filter, in source order; ids made unique (they key the tokens dataset)."""
     seen_text: set[str] = set()
     seen_ids: dict[str, int] = {}
-    for row in reader.rows(cfg):
+    rows = tqdm(reader.rows(cfg), desc=f"prompts from {cfg.source}", unit=" rows", disable=not progress,
+                mininterval=1.0)
+    for row in rows:
         if row is None:
             stats.malformed += 1
             continue
@@ -189,14 +193,15 @@ def _cleaned(reader: Reader, cfg: PromptConfig, stats: FilterStats) -> Iterator[
         yield PromptRecord(f"{rec.id}#{n}", rec.messages, rec.source, rec.response) if n else rec
 
 
-def load_prompts(cfg: PromptConfig | None = None, **overrides: Any) -> PromptSet:
-    """Read, clean, shuffle and cut a prompt set. An empty result is an error, never a silent no-op."""
+def load_prompts(cfg: PromptConfig | None = None, *, progress: bool = False, **overrides: Any) -> PromptSet:
+    """Read, clean, shuffle and cut a prompt set (with a rows bar under `progress`: a hub dataset or
+    ShareGPT takes a while). An empty result is an error, never a silent no-op."""
     cfg = apply_presets((cfg or PromptConfig()).model_copy(update=overrides))
     if cfg.limit is not None and cfg.limit < 1:
         raise LkspecError(f"prompt limit must be >= 1, got {cfg.limit}")
     reader = SOURCES[source_kind(cfg.source)]
     stats = FilterStats()
-    records = list(_cleaned(reader, cfg, stats))
+    records = list(_cleaned(reader, cfg, stats, progress))
     if cfg.shuffle:
         random.Random(cfg.seed).shuffle(records)
     if cfg.limit is not None:
