@@ -140,6 +140,16 @@ def test_a_diverging_run_stops_with_one_line_naming_what_is_kept(tiny_target: Ta
     assert ok.epoch == 2  # a healthy run with the same data is not flagged
 
 
+def test_a_draft_whose_weights_start_at_zero_is_not_called_diverged(tiny_target: Target, tiny_target_dir: Path,
+                                                                    features: Path, tmp_path: Path) -> None:
+    """MEDUSA over the target's frozen head trains only zero-initialised blocks: a norm of 0 is not a baseline."""
+    cfg = tiny_config(features, tiny_target_dir, epochs=1, **{
+        "draft.arch": "medusa", "draft.inner_dim": None, "draft.init": "target", "draft.freeze": True,
+        "loss.name": "kl"})
+    res = train(cfg, tmp_path / "run", target=tiny_target)
+    assert res.epoch == 1
+
+
 def test_nan_features_do_not_suggest_a_checkpoint_that_does_not_exist(tiny_target: Target, tiny_target_dir: Path,
                                                                       tmp_path: Path) -> None:
     docs = make_docs(tiny_target, 12)

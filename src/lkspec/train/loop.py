@@ -42,8 +42,11 @@ HELDOUT_CACHE_BYTES = 1 << 30
 # Divergence: a step loss this many times the run's lowest, or weights this many times their starting norm.
 # Healthy runs move neither by more than a few times; a too-high learning rate moves both by orders of
 # magnitude within a few steps, and every later checkpoint would save the wreck as if it were training.
+# The starting norm is floored at an RMS of DIVERGED_RMS_FLOOR per weight: a draft whose trainable weights
+# all start at zero (MEDUSA's residual blocks over a frozen target head) has no norm to be a multiple of.
 DIVERGED_LOSS = 100.0
 DIVERGED_NORM = 1000.0
+DIVERGED_RMS_FLOOR = 0.01
 
 
 @dataclass
@@ -90,6 +93,8 @@ class Trainer:
         else:
             self._start()
         self.start_norm = 0.0 if s.fsdp else self._weight_norm()  # DTensor shards: only the loss is checked
+        self.norm_limit = DIVERGED_NORM * max(self.start_norm,
+                                              DIVERGED_RMS_FLOOR * math.sqrt(sum(p.numel() for p in s.params)))
 
     @property
     def draft(self) -> Draft:
@@ -226,7 +231,7 @@ class Trainer:
         norm = self._weight_norm() if self.step % self.cfg.log_every == 0 and not self.s.fsdp else 0.0
         if loss > DIVERGED_LOSS * low:
             what = f"the loss rose to {loss:.3g}, {loss / low:.0f}x its lowest ({self.min_loss:.3g})"
-        elif not math.isfinite(norm) or norm > DIVERGED_NORM * max(self.start_norm, 1e-6):
+        elif not math.isfinite(norm) or norm > self.norm_limit:
             what = f"the weights' norm grew to {norm:.3g} from {self.start_norm:.3g}"
         else:
             return
