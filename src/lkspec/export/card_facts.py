@@ -136,14 +136,16 @@ def vocab_words(draft_config: dict[str, Any], start: dict[str, Any] | None, expo
 def model_index(rows: Sequence[dict[str, Any]], *, base_model: str, license_id: str, tags: list[str],
                 model_name: str, draft_label: str | None = None) -> ModelCardData:
     """The card's YAML front matter: one `model-index` result per benchmark and temperature (sampled drafts)."""
-    results = []
+    results, seen = [], set()
     for r in rows:
         bench = str(r.get("benchmark"))
         if bench not in HUB_DATASETS or (draft_label is not None and r.get("draft") != draft_label):
             continue
         T = float(r["temperature"])
-        if T > 0 and r.get("rule") != "sampled":
-            continue  # one value per (benchmark, T): sampled drafts, what a probabilistic engine gets
+        if (T > 0 and r.get("rule") != "sampled") or (bench, T) in seen:
+            continue  # one value per (benchmark, T): sampled drafts, what a probabilistic engine gets (at T = 0
+            # the rules coincide and the eval file holds both)
+        seen.add((bench, T))
         hub_id, name = HUB_DATASETS[bench]
         tau = float(r["tau"])
         if not math.isfinite(tau):
