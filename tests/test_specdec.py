@@ -18,7 +18,7 @@ from lkspec.drafts import Draft, DraftConfig, Proposal, build_draft
 from lkspec.errors import LkspecError
 from lkspec.evaluate.replay import draft_traces, rounds_moments
 from lkspec.evaluate.samples import Sample
-from lkspec.specdec import GenerationResult, SpeculativeGenerator, plain_generate
+from lkspec.specdec import PHASES, GenerationResult, SpeculativeGenerator, plain_generate
 from lkspec.targets import Target
 
 SMALL_V = 6
@@ -290,3 +290,33 @@ def test_bad_input_is_one_line(tiny_target: Target) -> None:
             fn()
         msg = str(err.value)
         assert "\n" not in msg and hint in msg, msg
+
+
+def test_greedy_round_is_the_sampled_round_at_t0() -> None:
+    """The T = 0 shortcut (one argmax, no one-hot p, no draws) must keep exactly the tokens Leviathan's rule
+    keeps with one-hot p and q, including ties broken the same way and drafts that all pass (the bonus)."""
+    g = torch.Generator().manual_seed(0)
+    V, m = 50, 5
+    for trial in range(200):
+        logits = torch.randn(m + 1, V, generator=g)
+        if trial % 4 == 0:
+            logits[:, :3] = logits.max()  # ties: argmax picks the first, on both paths
+        best = logits.argmax(-1)
+        drafts = best[:m].clone()
+        cut = trial % (m + 1)
+        if cut < m:
+            drafts[cut] = (drafts[cut] + 1 + trial % (V - 1)) % V  # a miss at position `cut`
+        q = torch.nn.functional.one_hot(drafts, V).float()
+        slow = SpeculativeGenerator.__new__(SpeculativeGenerator)
+        slow.temperature, slow.top_k, slow.top_p = 0.0, 0, 1.0
+        assert SpeculativeGenerator._greedy_round(logits, drafts) == slow._round(logits, drafts, q, g)
+        assert SpeculativeGenerator._greedy_round(logits, drafts)[0] == min(cut, m)
+
+
+def test_phases_account_for_the_generation_time(tiny_target: Target) -> None:
+    prompt = tiny_target.render_chat([{"role": "user", "content": "Count to ten."}])
+    res = SpeculativeGenerator(tiny_target, small_draft(tiny_target), temperature=1.0).generate(
+        prompt, max_new_tokens=12, seed=0)
+    assert set(res.phases) == set(PHASES) and all(v >= 0 for v in res.phases.values())
+    assert sum(res.phases.values()) == pytest.approx(res.seconds, rel=1e-6)
+    assert res.phases["verify"] > 0 and res.phases["propose"] > 0

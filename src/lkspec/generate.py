@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -27,8 +27,10 @@ class GenerateSettings(StrictModel):
     proposer: Literal["draft", "ngram", "ngram+draft"] = Field(
         "draft", description="What drafts each round: the trained draft, the n-gram prompt lookup (no draft needed), "
         "or the n-gram continuation where the context has a match and the draft after it.", **flag())
-    k: int | None = Field(None, ge=1, description="Tokens drafted per round (K); default: the draft's heads (6 for "
-                          "the n-gram lookup alone).", **flag("--k", "-k"))
+    k: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="Tokens drafted per round (K); default: the draft's heads (6 for the n-gram lookup alone). "
+        "auto: measure this machine's target pass costs (a few seconds) and choose each round's K, up to that "
+        "default, for the most tokens per second by the acceptance seen so far (lkspec.speed).", **flag("--k", "-k"))
     temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 = greedy.",
                                **flag("--temperature", "-t"))
     top_k: int = Field(0, ge=0, description="Top-k filter applied identically to p and q (0 = off).", **flag())
@@ -66,6 +68,10 @@ def run_generate(target_spec: str, draft_path: str | Path | None, settings: Gene
         raise LkspecError("nothing to generate; pass --prompt TEXT or --benchmark NAME")
     tok = target.tokenizer
     _warm_up(target)
+    if gen.auto_k:
+        echo(f"--k auto: timing target passes over 1..{gen.k + 1} tokens on {target.device} ...")
+        rel = ", ".join(f"{c:.2f}" for c in gen.costs().relative())
+        echo(f"  cost relative to one token: [{rel}]; K is chosen per round, at most {gen.k}")
     results = []
     spec_s = plain_s = 0.0
     spec_n = plain_n = 0
@@ -92,6 +98,8 @@ def run_generate(target_spec: str, draft_path: str | Path | None, settings: Gene
         acc = ", ".join(f"{a:.2f}" for a in res.acceptance)
         line = (f"[spec] {len(res.tokens)} tokens in {res.rounds} rounds: tau {res.tau:.3f}; acceptance by "
                 f"position [{acc}]; {res.tokens_per_second:.1f} tok/s")
+        if gen.auto_k and res.drafted:
+            line += f"; --k auto drafted {sum(res.drafted) / len(res.drafted):.2f} tokens a round"
         if compare:
             plain, seconds = plain_generate(target, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                             top_k=s.top_k, top_p=s.top_p, seed=s.seed + i)

@@ -32,9 +32,14 @@ from lkspec.drafts import Draft, check_draft_target
 from lkspec.errors import LkspecError
 from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
 from lkspec.sampling import check_temperature, sample, warp_probs
+from lkspec.speed import AUTO, AdaptiveK, Costs, measure_pass_costs
 from lkspec.targets import Target, cached_decoder
 
 GEN_RULES = ("sampled", "greedy")
+# A round's time, split: prefill (the prompt, once), propose (the draft's forward and draws, or the n-gram
+# lookup), verify (the target pass over last + drafts and its lm_head), accept (warping p, the tests and
+# draws), bookkeeping (cache crop, n-gram index, EOS and streaming). Everything but the passes is overhead.
+PHASES = ("prefill", "propose", "verify", "accept", "bookkeeping")
 
 
 @dataclass
@@ -48,6 +53,9 @@ class GenerationResult:
     seconds: float
     k: int
     round_log: list[tuple[int, int]] = field(default_factory=list)  # (boundary b, accepted drafts) per round
+    # Where `seconds` went (PHASES): the target and draft forward passes, and the round's own overhead.
+    phases: dict[str, float] = field(default_factory=dict)
+    drafted: list[int] = field(default_factory=list)  # tokens drafted per round (varies with n-gram, --k auto)
 
     @property
     def tau(self) -> float:
@@ -93,7 +101,7 @@ class SpeculativeGenerator:
         result.tokens, result.tau
     """
 
-    def __init__(self, target: Target, draft: Draft | None, *, k: int | None = None, temperature: float = 1.0,
+    def __init__(self, target: Target, draft: Draft | None, *, k: int | str | None = None, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, rule: str = "sampled", proposer: str = "draft",
                  ngram: NgramSettings | None = None) -> None:
         check_temperature(temperature)
@@ -107,6 +115,10 @@ class SpeculativeGenerator:
             raise LkspecError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         self.uses_draft = proposer != NGRAM
         self.uses_ngram = proposer != "draft"
+        if isinstance(k, str) and k != AUTO:
+            raise LkspecError(f"K must be a number of tokens or {AUTO!r}, got {k!r}")
+        self.auto_k, k = k == AUTO, None if k == AUTO else k  # auto: the most K, lowered round by round
+        self._costs: Costs | None = None
         if self.uses_draft:
             if draft is None:
                 raise LkspecError(f"proposer {proposer!r} needs a trained draft; pass one, or use --proposer ngram")
@@ -125,18 +137,24 @@ class SpeculativeGenerator:
         self.proposer = proposer
         self.temperature, self.top_k, self.top_p, self.rule = float(temperature), top_k, top_p, rule
 
-    def _propose(self, h_prev: torch.Tensor, last: torch.Tensor, index: NgramIndex | None,
+    def costs(self) -> Costs:
+        """This machine's pass costs for K up to self.k (measured once, a few seconds: `--k auto`)."""
+        if self._costs is None:
+            self._costs = Costs(measure_pass_costs(self.target, self.k + 1))
+        return self._costs
+
+    def _propose(self, h_prev: torch.Tensor, last: torch.Tensor, index: NgramIndex | None, k: int,
                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m <= K drafted tokens [m], the distributions they were drawn from [m, V]) for one round."""
+        """(m <= k drafted tokens [m], the distributions they were drawn from [m, V]) for one round."""
         V, dev = self.target.vocab_size, self.target.device
-        prefix = index.propose(self.k) if index is not None else []
-        if not self.uses_draft or len(prefix) == self.k:
+        prefix = index.propose(k) if index is not None else []
+        if not self.uses_draft or len(prefix) == k:
             toks = torch.tensor(prefix, dtype=torch.long, device=dev)
             return toks, torch.nn.functional.one_hot(toks, V).float()
         assert self.draft is not None
         greedy = self.rule == "greedy" or self.temperature == 0
         prop = self.draft.propose(h_prev, last, temperature=0.0 if greedy else self.temperature, top_k=self.top_k,
-                                  top_p=self.top_p, num_tokens=self.k, generator=g,
+                                  top_p=self.top_p, num_tokens=k, generator=g,
                                   **({"prefix": prefix} if prefix else {}))
         return prop.tokens[0].to(dev), prop.probs[0].to(dev)
 
@@ -153,9 +171,6 @@ class SpeculativeGenerator:
         if float(resid.sum()) <= 0.0:  # only when p == q, where a rejection cannot happen; p is then exact
             resid = p
         return int(sample(resid / resid.sum(), g))
-
-    def _p(self, hidden: torch.Tensor) -> torch.Tensor:
-        return warp_probs(self.target.logits_from_hidden(hidden), self.temperature, self.top_k, self.top_p)
 
     @torch.no_grad()
     def generate(
@@ -182,7 +197,8 @@ class SpeculativeGenerator:
             g.manual_seed(seed if seed is not None else torch.seed())
         eos = set(target.eos_token_ids)
         decoder = cached_decoder(target.model)
-        t0 = time.perf_counter()
+        adapt = AdaptiveK(self.costs(), K) if self.auto_k else None
+        clock = _Clock()
         cache = DynamicCache(config=target.model.config)
         ids = torch.tensor([prompt], device=dev)
         h_prev = decoder(input_ids=ids[:, :-1], cache=cache, use_cache=True).last_hidden_state[:, -1]
@@ -190,28 +206,24 @@ class SpeculativeGenerator:
         index = NgramIndex(self.ngram, prompt) if self.uses_ngram else None
         out: list[int] = []
         log: list[tuple[int, int]] = []
+        drafted: list[int] = []
         finished = False
+        clock.lap("prefill")
         while len(out) < max_new_tokens and not finished:
-            drafts, q = self._propose(h_prev, last, index, g)
-            m = int(drafts.shape[0])
+            spent = clock.spent()
+            drafts, q = self._propose(h_prev, last, index, adapt.k if adapt else K, g)
             base = cache.get_seq_length()  # position of `last`
+            clock.lap("propose")
             hs = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), cache=cache,
                          use_cache=True).last_hidden_state[0]  # [m+1, H]
-            p = self._p(hs)
-            j, new = 0, []
-            for i in range(m):
-                d = int(drafts[i])
-                if self.accept(p[i], q[i], d, g):
-                    new.append(d)
-                    j += 1
-                    continue
-                new.append(self.correction(p[i], q[i], g))
-                break
-            else:
-                new.append(int(sample(p[m], g)))
+            logits = self.target.logits_from_hidden(hs)
+            clock.lap("verify")
+            j, new = self._greedy_round(logits, drafts) if self.temperature == 0 else self._round(logits, drafts, q, g)
+            clock.lap("accept")
             _crop(cache, base + 1 + j)  # keep `last` and the accepted drafts
             h_prev, last = hs[j][None], torch.tensor([new[-1]], device=dev)
             log.append((len(out), j))
+            drafted.append(int(drafts.shape[0]))
             new = new[: max_new_tokens - len(out)]
             for i, tok in enumerate(new):
                 if tok in eos:
@@ -222,7 +234,58 @@ class SpeculativeGenerator:
                 index.extend(new)
             if on_tokens is not None:
                 on_tokens(new)
-        return GenerationResult(prompt, out, len(log), finished, time.perf_counter() - t0, K, log)
+            clock.lap("bookkeeping")
+            if adapt is not None:
+                adapt.update(int(drafts.shape[0]), j, clock.since(spent))
+        return GenerationResult(prompt, out, len(log), finished, clock.total, K, log, dict(clock.phases),
+                                drafted)
+
+    def _round(self, logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor,
+               g: torch.Generator) -> tuple[int, list[int]]:
+        """(accepted drafts j, the round's tokens) by Leviathan's rule over the warped p [m+1, V]."""
+        p = warp_probs(logits, self.temperature, self.top_k, self.top_p)
+        new: list[int] = []
+        for i, d in enumerate(drafts.tolist()):
+            if not self.accept(p[i], q[i], d, g):
+                return i, [*new, self.correction(p[i], q[i], g)]
+            new.append(d)
+        return len(new), [*new, int(sample(p[-1], g))]
+
+    @staticmethod
+    def _greedy_round(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[int, list[int]]:
+        """T = 0: `_round` with one-hot p, in one argmax. A draft is kept while it is the target's argmax
+        (p(d)/q(d) is 1 or 0); the token after the first miss, or the bonus, is the argmax (the residual
+        max(0, p − q) of two one-hots is p). No V-wide one-hot is built and no random draw is made."""
+        best = logits.argmax(-1).tolist()
+        j = 0
+        for d in drafts.tolist():
+            if d != best[j]:
+                break
+            j += 1
+        return j, best[: j + 1]
+
+
+class _Clock:
+    """Seconds per phase of `generate`, from consecutive laps (one perf_counter call each)."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.phases = dict.fromkeys(PHASES, 0.0)
+
+    def spent(self) -> dict[str, float]:
+        return dict(self.phases)
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        return {k: v - before[k] for k, v in self.phases.items()}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] += now - self.mark
+        self.mark = now
+
+    @property
+    def total(self) -> float:
+        return self.mark - self.start
 
 
 def _crop(cache: object, keep: int) -> None:

@@ -1,0 +1,120 @@
+"""The cost model: what drafting K tokens a round buys in wall-clock time, before running it.
+
+τ alone does not say whether speculative decoding pays: a round costs one target pass over K + 1 tokens
+plus the draft's proposal, and on a small machine that pass is far from free (2-core CPU, SmolLM2: ~1.9×
+a one-token pass at K = 6). With the per-position acceptance the replay or a generator run measured,
+
+    τ(K)       = 1 + Σ_{i ≤ K} P(the first i drafts are all accepted)      (`acceptance_cumulative`)
+    round(K)   = pass(K + 1 tokens) + K · propose-per-token + overhead      (seconds, measured)
+    speed-up   = τ(K) · plain-seconds-per-token / round(K)
+
+The first i drafts of a K-token round are the same tokens whatever K is (each head sees only what came
+before it), so the acceptance measured at the largest K predicts every smaller K. `best_k` maximises the
+speed-up; `lkspec generate --k auto` uses it with costs it measures itself and the acceptance of the
+rounds so far (`AdaptiveK`), which keeps the output exact: K is chosen before a round's draws.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lkspec.targets import Target, cached_decoder
+
+AUTO = "auto"  # `--k auto`
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds on this machine: `passes[n - 1]` is a target pass (with its lm_head) over n new tokens."""
+
+    passes: tuple[float, ...]
+    propose_per_token: float = 0.0  # the draft's forward and draw, per drafted token
+    overhead: float = 0.0  # the round's own work: acceptance tests, draws, cache crop
+    plain_per_token: float | None = None  # plain decoding's seconds per token; default: passes[0]
+
+    def round(self, k: int) -> float:
+        return self.passes[k] + k * self.propose_per_token + self.overhead
+
+    def relative(self) -> list[float]:
+        """pass(k + 1 tokens) / pass(1 token) for k = 0 .. len - 1: what verification costs here."""
+        return [c / self.passes[0] for c in self.passes]
+
+
+def expected_tau(cumulative: Sequence[float], k: int) -> float:
+    """Tokens per round with K = k drafts: the bonus/correction token plus every accepted prefix."""
+    return 1.0 + sum(cumulative[:k])
+
+
+def predicted_speedup(cumulative: Sequence[float], k: int, costs: Costs) -> float:
+    plain = costs.plain_per_token if costs.plain_per_token is not None else costs.passes[0]
+    return expected_tau(cumulative, k) * plain / costs.round(k)
+
+
+def best_k(cumulative: Sequence[float], costs: Costs, k_max: int) -> int:
+    """The K in 1..k_max with the highest predicted speed-up (ties: the smaller K)."""
+    ks = range(1, min(k_max, len(cumulative), len(costs.passes) - 1) + 1)
+    return max(ks, key=lambda k: (round(predicted_speedup(cumulative, k, costs), 9), -k))
+
+
+@torch.no_grad()
+def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, reps: int = 9) -> tuple[float, ...]:
+    """Median seconds of a cached target pass (+ lm_head) over n = 1 .. max_tokens new tokens after `context`
+    tokens, the shape of a verification pass in the middle of a response."""
+    from transformers import DynamicCache
+
+    decoder = cached_decoder(target.model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, target.vocab_size, (1, context + max_tokens), generator=g).to(target.device)
+    cache = DynamicCache(config=target.model.config)
+    decoder(input_ids=ids[:, :context], cache=cache, use_cache=True)
+    out = []
+    for n in range(1, max_tokens + 1):
+        times = []
+        for _ in range(reps + 1):  # the first is a warm-up of this shape
+            t0 = time.perf_counter()
+            hs = decoder(input_ids=ids[:, context:context + n], cache=cache, use_cache=True).last_hidden_state
+            target.logits_from_hidden(hs[0]).argmax(-1).tolist()  # waits for the device, as a round does
+            times.append(time.perf_counter() - t0)
+            cache.crop(-n)  # a negative count: every transformers version reads it as "remove n"
+        out.append(statistics.median(times[1:]))
+    return tuple(out)
+
+
+class AdaptiveK:
+    """`--k auto`: each round's K from the acceptance of the rounds before it and the measured costs.
+
+    Starts at k_max (it measures acceptance at every position) and re-chooses after every round; a
+    position's acceptance counts only rounds that drafted it, with a prior of `prior` accepted out of one
+    try so an unmeasured position is neither trusted nor written off.
+    """
+
+    def __init__(self, costs: Costs, k_max: int, prior: float = 0.5) -> None:
+        self.costs, self.k_max = costs, k_max
+        self.tried = [1.0] * k_max
+        self.accepted = [prior] * k_max
+        self.k = k_max
+        self.rounds = self.drafted = 0
+        self.propose_s = self.overhead_s = 0.0
+
+    def update(self, drafted: int, accepted: int, phases: dict[str, float] | None = None) -> int:
+        """Record one round (tokens drafted, drafts accepted, its `generate` phase seconds); the next K."""
+        for i in range(min(drafted, accepted + 1)):
+            self.tried[i] += 1
+            self.accepted[i] += i < accepted
+        if phases is not None:  # the draft's and the round's own costs, as measured so far
+            self.rounds, self.drafted = self.rounds + 1, self.drafted + drafted
+            self.propose_s += phases.get("propose", 0.0)
+            self.overhead_s += phases.get("accept", 0.0) + phases.get("bookkeeping", 0.0)
+            self.costs = Costs(self.costs.passes, self.propose_s / max(self.drafted, 1),
+                               self.overhead_s / self.rounds, self.costs.plain_per_token)
+        cumulative, run = [], 1.0
+        for a, t in zip(self.accepted, self.tried, strict=True):
+            run *= a / t
+            cumulative.append(run)
+        self.k = best_k(cumulative, self.costs, self.k_max)
+        return self.k
