@@ -80,11 +80,11 @@ def summary(results: list[GenerationResult]) -> dict[str, float | list[float]]:
     rounds = sum(r.rounds for r in results)
     seconds = sum(r.seconds for r in results)
     phases = {ph: sum(r.phases[ph] for r in results) for ph in PHASES}
-    accepted = [sum(r.position_counts()[1][i] for r in results) / rounds for i in range(results[0].k)]
+    accepted = [sum(col) / rounds for col in zip(*(r.position_counts()[1] for r in results), strict=True)]
     loop = seconds - phases["prefill"]
     return {"tokens": tokens, "rounds": rounds, "seconds": seconds, "tau": tokens / rounds,
             "rate": tokens / seconds, "cumulative": accepted, "decode_rate": tokens / (seconds - phases["prefill"]),
-            "drafted": sum(sum(r.drafted) for r in results) / rounds,
+            "drafted": sum(sum(r.drafted) for r in results), "phases": phases,
             **{f"ms_{ph}": 1e3 * v / rounds for ph, v in phases.items()},
             "overhead": (phases["accept"] + phases["bookkeeping"]) / loop if loop > 0 else float("nan")}
 
@@ -140,9 +140,7 @@ def main() -> None:
             top = max(k for k in rows if k != AUTO)
             plain_s = 1.0 / plain["decode"]
             top_row = rows[top]
-            costs = Costs(passes, propose_per_token=1e-3 * top_row["ms_propose"] / max(top_row["drafted"], 1e-9),
-                          overhead=1e-3 * (top_row["ms_accept"] + top_row["ms_bookkeeping"]),
-                          plain_per_token=plain_s)
+            costs = Costs.measured(passes, top_row["phases"], top_row["rounds"], top_row["drafted"], plain_s)
             for k, r in rows.items():
                 pred = (f"{predicted_speedup(top_row['cumulative'], k, costs):.2f}x"
                         if k != AUTO and kind != "ngram" else "")

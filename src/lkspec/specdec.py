@@ -33,7 +33,7 @@ from lkspec.errors import LkspecError
 from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
 from lkspec.sampling import check_temperature, sample, warp_probs
 from lkspec.speed import AUTO, AdaptiveK, Costs, measure_pass_costs
-from lkspec.targets import Target, cached_decoder
+from lkspec.targets import Target, cached_decoder, crop_cache
 
 GEN_RULES = ("sampled", "greedy")
 # A round's time, split: prefill (the prompt, once), propose (the draft's forward and draws, or the n-gram
@@ -210,7 +210,6 @@ class SpeculativeGenerator:
         finished = False
         clock.lap("prefill")
         while len(out) < max_new_tokens and not finished:
-            spent = clock.spent()
             drafts, q = self._propose(h_prev, last, index, adapt.k if adapt else K, g)
             base = cache.get_seq_length()  # position of `last`
             clock.lap("propose")
@@ -220,7 +219,7 @@ class SpeculativeGenerator:
             clock.lap("verify")
             j, new = self._greedy_round(logits, drafts) if self.temperature == 0 else self._round(logits, drafts, q, g)
             clock.lap("accept")
-            _crop(cache, base + 1 + j)  # keep `last` and the accepted drafts
+            crop_cache(cache, base + 1 + j)  # keep `last` and the accepted drafts
             h_prev, last = hs[j][None], torch.tensor([new[-1]], device=dev)
             log.append((len(out), j))
             drafted.append(int(drafts.shape[0]))
@@ -236,7 +235,7 @@ class SpeculativeGenerator:
                 on_tokens(new)
             clock.lap("bookkeeping")
             if adapt is not None:
-                adapt.update(int(drafts.shape[0]), j, clock.since(spent))
+                adapt.update(int(drafts.shape[0]), j, clock.phases)
         return GenerationResult(prompt, out, len(log), finished, clock.total, K, log, dict(clock.phases),
                                 drafted)
 
@@ -272,12 +271,6 @@ class _Clock:
         self.start = self.mark = time.perf_counter()
         self.phases = dict.fromkeys(PHASES, 0.0)
 
-    def spent(self) -> dict[str, float]:
-        return dict(self.phases)
-
-    def since(self, before: dict[str, float]) -> dict[str, float]:
-        return {k: v - before[k] for k, v in self.phases.items()}
-
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         self.phases[phase] += now - self.mark
@@ -286,17 +279,6 @@ class _Clock:
     @property
     def total(self) -> float:
         return self.mark - self.start
-
-
-def _crop(cache: object, keep: int) -> None:
-    """Roll the KV cache back to its first `keep` positions.
-
-    A negative argument means "remove this many" in every transformers version (older ones also read a
-    positive one as the final length; 5.x refuses it).
-    """
-    remove = cache.get_seq_length() - keep  # type: ignore[attr-defined]
-    if remove > 0:
-        cache.crop(-remove)  # type: ignore[attr-defined]
 
 
 @torch.no_grad()

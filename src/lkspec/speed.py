@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lkspec.targets import Target, cached_decoder
+from lkspec.targets import Target, cached_decoder, crop_cache
 
 AUTO = "auto"  # `--k auto`
 
@@ -36,6 +36,14 @@ class Costs:
     propose_per_token: float = 0.0  # the draft's forward and draw, per drafted token
     overhead: float = 0.0  # the round's own work: acceptance tests, draws, cache crop
     plain_per_token: float | None = None  # plain decoding's seconds per token; default: passes[0]
+
+    @classmethod
+    def measured(cls, passes: tuple[float, ...], phases: dict[str, float], rounds: int, drafted: int,
+                 plain_per_token: float | None = None) -> Costs:
+        """Costs from `generate`'s phase seconds summed over `rounds` rounds that drafted `drafted` tokens:
+        propose per drafted token, and the round's own work (accept + bookkeeping) per round."""
+        return cls(passes, phases.get("propose", 0.0) / max(drafted, 1),
+                   (phases.get("accept", 0.0) + phases.get("bookkeeping", 0.0)) / max(rounds, 1), plain_per_token)
 
     def round(self, k: int) -> float:
         return self.passes[k] + k * self.propose_per_token + self.overhead
@@ -80,7 +88,7 @@ def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, r
             hs = decoder(input_ids=ids[:, context:context + n], cache=cache, use_cache=True).last_hidden_state
             target.logits_from_hidden(hs[0]).argmax(-1).tolist()  # waits for the device, as a round does
             times.append(time.perf_counter() - t0)
-            cache.crop(-n)  # a negative count: every transformers version reads it as "remove n"
+            crop_cache(cache, context)
         out.append(statistics.median(times[1:]))
     return tuple(out)
 
@@ -99,19 +107,17 @@ class AdaptiveK:
         self.accepted = [prior] * k_max
         self.k = k_max
         self.rounds = self.drafted = 0
-        self.propose_s = self.overhead_s = 0.0
 
     def update(self, drafted: int, accepted: int, phases: dict[str, float] | None = None) -> int:
-        """Record one round (tokens drafted, drafts accepted, its `generate` phase seconds); the next K."""
+        """Record one round (tokens drafted, drafts accepted) and, when given, `generate`'s phase seconds so
+        far (the draft's and the round's own costs as measured); the next K."""
         for i in range(min(drafted, accepted + 1)):
             self.tried[i] += 1
             self.accepted[i] += i < accepted
-        if phases is not None:  # the draft's and the round's own costs, as measured so far
-            self.rounds, self.drafted = self.rounds + 1, self.drafted + drafted
-            self.propose_s += phases.get("propose", 0.0)
-            self.overhead_s += phases.get("accept", 0.0) + phases.get("bookkeeping", 0.0)
-            self.costs = Costs(self.costs.passes, self.propose_s / max(self.drafted, 1),
-                               self.overhead_s / self.rounds, self.costs.plain_per_token)
+        self.rounds, self.drafted = self.rounds + 1, self.drafted + drafted
+        if phases is not None:
+            self.costs = Costs.measured(self.costs.passes, phases, self.rounds, self.drafted,
+                                        self.costs.plain_per_token)
         cumulative, run = [], 1.0
         for a, t in zip(self.accepted, self.tried, strict=True):
             run *= a / t

@@ -122,6 +122,17 @@ def cached_decoder(model: Any) -> Callable[..., Any]:
     return call
 
 
+def crop_cache(cache: object, keep: int) -> None:
+    """Roll the KV cache back to its first `keep` positions.
+
+    A negative argument means "remove this many" in every transformers version (older ones also read a
+    positive one as the final length; 5.x refuses it).
+    """
+    remove = cache.get_seq_length() - keep  # type: ignore[attr-defined]
+    if remove > 0:
+        cache.crop(-remove)  # type: ignore[attr-defined]
+
+
 @torch.no_grad()
 def norm_scale(norm: torch.nn.Module | None, hidden: int) -> torch.Tensor | None:
     """g of an RMS-style norm, read off its output on the all-ones vector (rms 1); None when it is not one."""
