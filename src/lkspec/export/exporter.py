@@ -84,8 +84,9 @@ def resolve_base_archs(flags: list[str] | None, base: str, target: dict[str, Any
     return None
 
 
-def head_logits_gap(a: Draft, b: Draft, seed: int = 0) -> tuple[float, float]:
-    """(max |Δ logits|, max |Δ logits| / max |logits|) over every head on random inputs."""
+def head_logits_gap(a: Draft, b: Draft, seed: int = 0, columns: torch.Tensor | None = None) -> tuple[float, float]:
+    """(max |Δ logits|, max |Δ logits| / max |logits|) over every head on random inputs; only the vocabulary
+    `columns` when given (a token-map draft against its full-vocabulary twin: the kept tokens)."""
     g = torch.Generator().manual_seed(seed)
     T = a.num_heads + 4
     hidden = torch.randn(2, T, a.config.hidden_size, generator=g)
@@ -93,22 +94,11 @@ def head_logits_gap(a: Draft, b: Draft, seed: int = 0) -> tuple[float, float]:
     worst = scale = 0.0
     with torch.no_grad():
         for x, y in zip(a(hidden, ids), b(hidden, ids), strict=True):
+            if columns is not None:
+                x, y = x[..., columns], y[..., columns]
             worst = max(worst, (x.float() - y.float()).abs().max().item())
             scale = max(scale, x.float().abs().max().item())
     return worst, worst / max(scale, 1e-30)
-
-
-def kept_logit_gap(truncated: Draft, wide: Draft, seed: int = 0) -> float:
-    """max |logit difference| on the kept tokens between a truncated draft and its full-vocabulary twin."""
-    g = torch.Generator().manual_seed(seed)
-    T = truncated.num_heads + 4
-    hidden = torch.randn(2, T, truncated.config.hidden_size, generator=g)
-    ids = torch.randint(0, truncated.config.vocab_size, (2, T), generator=g)
-    tm = truncated.token_map
-    assert tm is not None
-    with torch.no_grad():
-        return max(float((x[..., tm].float() - y[..., tm].float()).abs().max())
-                   for x, y in zip(truncated(hidden, ids), wide(hidden, ids), strict=True))
 
 
 def is_export(path: Path) -> bool:
@@ -156,8 +146,9 @@ def export_draft(
     if isinstance(exported, MLPSpeculator) and exported.config.truncated:
         log.info("expanding the token-map draft to its exact full-vocabulary twin (vLLM's MLPSpeculator layout)")
         wide = full_vocab_mlp(exported)  # vLLM's MLPSpeculator cannot hold a token map: an exact twin
+        gap, _ = head_logits_gap(exported, wide, columns=exported.token_map)
         expansion = {"draft_vocab_size": exported.config.draft_vocab_size, "inner_dim": wide.config.inner,
-                     "off_map_logit": OFF_MAP_LOGIT, "max_kept_logit_gap": kept_logit_gap(exported, wide)}
+                     "off_map_logit": OFF_MAP_LOGIT, "max_kept_logit_gap": gap}
         exported = wide
     base = resolve_base_model(base_model, target, raw, src)
     archs = resolve_base_archs(base_model_archs, base, target) if fmt == "arctic" else base_model_archs
