@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lkspec.errors import LkspecError
 
@@ -110,10 +110,11 @@ DAMAGED_FIX = "delete it and rerun the lkspec command that wrote it"
 
 
 @contextlib.contextmanager
-def open_safetensors(path: str | os.PathLike[str], fix: str = DAMAGED_FIX) -> Iterator[Any]:
+def open_safetensors(path: str | os.PathLike[str], fix: str = DAMAGED_FIX,
+                     device: str | torch.device = "cpu") -> Iterator[Any]:
     """`safe_open` whose failure on a truncated or corrupt file is one line naming the file and the fix."""
     try:
-        f = safe_open(str(path), framework="pt")
+        f = safe_open(str(path), framework="pt", device=str(device))
     except (SafetensorError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise LkspecError(f"{path} is missing; {fix}") from None
@@ -125,16 +126,20 @@ def open_safetensors(path: str | os.PathLike[str], fix: str = DAMAGED_FIX) -> It
 def tensor_aliases(path: str | os.PathLike[str]) -> dict[str, str]:
     """The aliases `save_tensors(dedupe=True)` recorded in a file (empty for any other safetensors file)."""
     with open_safetensors(path) as f:
-        meta = f.metadata() or {}
+        return _aliases(f)
+
+
+def _aliases(f: Any) -> dict[str, str]:
+    meta = f.metadata() or {}
     return dict(json.loads(meta[ALIASES_KEY])) if ALIASES_KEY in meta else {}
 
 
 def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                  fix: str = DAMAGED_FIX) -> dict[str, torch.Tensor]:
-    with open_safetensors(path, fix):  # a damaged file fails here, by name, before the full read
-        pass
-    out = load_file(str(path), device=str(device))
-    for name, same in tensor_aliases(path).items():
+    with open_safetensors(path, fix, device) as f:  # a damaged file fails here, by name
+        out = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        aliases = _aliases(f)
+    for name, same in aliases.items():
         out[name] = out[same]
     return out
 
