@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,19 @@ def tiny_target(tiny_target_dir: Path) -> Target:
 @pytest.fixture(scope="session")
 def embedded_target() -> Target:
     return load_target(EMBEDDED_NAME, device="cpu")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """A real, tiny tmpfs (needs root, as in CI); the test is skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+
+    def mount(size: int) -> Path:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        return mnt
+
+    yield mount
+    subprocess.run(["umount", str(mnt)], capture_output=True)

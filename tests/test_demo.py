@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,9 +32,10 @@ def run_demo(out: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, float]]:
     out = tmp_path_factory.mktemp("demo") / "lkspec-demo"
-    return out, run_demo(out)
+    yield out, run_demo(out)
+    shutil.rmtree(out.parent, ignore_errors=True)  # ~3.6 GB, mostly the vLLM exports: not left for later tests
 
 
 def test_report_has_the_table_verdict_and_plots(demo_out: tuple[Path, float]) -> None:

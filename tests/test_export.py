@@ -8,12 +8,14 @@ import json
 import math
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import run_cli
 from lkspec.cli import main
 from lkspec.drafts import build_draft, load_draft
 from lkspec.errors import LkspecError
@@ -362,6 +364,21 @@ def test_cli_export_and_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFi
     for flag in ("--draft", "--out", "--dtype", "--format", "--num-speculative-tokens", "--base-model",
                  "--base-model-arch", "--eval", "--eval-draft", "--model-id", "--overwrite"):
         assert flag in helptext
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_no_partial_export(
+        tmp_path: Path, small_disk: Callable[[int], Path]) -> None:
+    """A real full disk (a 64 KiB tmpfs) under `lkspec export`: before, the Rust writer's error escaped as a
+    traceback; now one line says where and how much room there is, and no half-written export is left."""
+    run = make_run(tmp_path, "mlp")
+    disk = small_disk(64 * 1024)
+    r = run_cli("export", "--draft", str(run), "--out", str(disk / "out"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert re.match(rf"error: the disk is full writing to {re.escape(str(disk))} \(\d+ MiB free there\); what "
+                    r"finished before is intact .* rerun the same command", lines[0]), lines[0]
+    assert list(disk.iterdir()) == []  # the export's temporary folder went with the failure
 
 
 def test_card_metadata_parses_with_huggingface_hub_and_holds_the_taus(tmp_path: Path) -> None:

@@ -324,24 +324,6 @@ def test_features_never_delete_files_in_a_foreign_folder(tiny_target: Target, to
     assert sorted(p.name for p in mine.iterdir()) == [".shard-00001.tmp", "shard-00000.safetensors"]
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A real, tiny tmpfs (needs root, as in CI); the test is skipped where mounting is not allowed."""
-    import subprocess
-
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-
-    def mount(size: int) -> Path:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-        return mnt
-
-    yield mount
-    subprocess.run(["umount", str(mnt)], capture_output=True)
-
-
 def test_real_full_disk_is_one_line_and_keeps_finished_shards(tiny_target: Target, tokens: Path, tmp_path: Path,
                                                               small_disk) -> None:
     whole = extract_features(tiny_target, tokens, tmp_path / "w", dtype="float32", progress=False, **SMALL)

@@ -98,12 +98,12 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
         os.chmod(tmp, 0o666 & ~_umask())  # save_file recreates the file owner-only: give the usual mode back
 
 
-def _as_os_error(exc: SafetensorError, path: Path) -> OSError:
+def _as_os_error(exc: SafetensorError, path: Path | None) -> OSError:
     text = str(exc)
     code = next((e for e in DISK_FULL if f"os error {e})" in text), None)
     if code is None and "No space left" in text:
         code = errno.ENOSPC
-    return OSError(code or errno.EIO, text, str(path))
+    return OSError(code or errno.EIO, text, *([str(path)] if path is not None else []))
 
 
 DAMAGED_FIX = "delete it and rerun the lkspec command that wrote it"
@@ -176,6 +176,28 @@ def write_error(exc: OSError, doing: str, *, then: str = RERUN, full: str = "dis
     """
     reason = full if exc.errno in DISK_FULL else f"writing failed ({exc})"
     return LkspecError(f"{reason} while {doing}; free space and {then}")
+
+
+def as_disk_full(exc: BaseException) -> LkspecError | None:
+    """The one-line error for a full disk met by a writer with no message of its own (export, eval, the target
+    conversion, transformers' and safetensors' own writers), else None.
+
+    Every lkspec writer is atomic, so whatever finished before is intact and rerunning resumes; the line says
+    where the disk filled and how much room is left there, because a traceback from the Rust writer does not.
+    """
+    if isinstance(exc, SafetensorError):
+        exc = _as_os_error(exc, None)
+    if not isinstance(exc, OSError) or exc.errno not in DISK_FULL:
+        return None
+    place = ""
+    if exc.filename:  # name the folder the user chose, not the temporary file inside it
+        parts = Path(exc.filename).parts
+        cut = next((i for i, p in enumerate(parts) if p.startswith(".") and p.endswith(".tmp")), len(parts))
+        where = Path(*parts[:cut])
+        probe = next((p for p in (where, *where.parents) if p.exists()), where)
+        place = f" writing to {where} ({shutil.disk_usage(probe).free / 2**20:,.0f} MiB free there)"
+    return LkspecError(f"the disk is full{place}; what finished before is intact (lkspec writes atomically): free "
+                       f"space or point the output elsewhere, and {RERUN}")
 
 
 @contextlib.contextmanager

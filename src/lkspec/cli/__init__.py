@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        from lkspec.io import as_disk_full  # here, not at the top: `lkspec --help` need not import torch for it
+
+        if (full := as_disk_full(exc)) is not None:
+            typer.secho(f"error: {full}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
         if isinstance(exc, usage_errors):
             typer.secho(_one_line(exc), fg=typer.colors.RED, err=True)
             sys.exit(getattr(exc, "exit_code", 2) or 2)
