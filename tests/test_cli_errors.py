@@ -64,7 +64,10 @@ def test_ctrl_c_exits_130_with_one_line(tiny_target_dir, tmp_path) -> None:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     proc = subprocess.Popen([str(LKSPEC), "data", "regenerate", "--target", str(tiny_target_dir), "--limit", "400",
                              "--gen-batch-size", "1", "--max-new-tokens", "64", "--out", str(tmp_path / "tok")],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True, bufsize=1)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True, bufsize=1,
+                            # as at a terminal: a suite started in the background (`... &`) hands its children
+                            # SIGINT ignored, and Python then never raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     seen, t0 = "", time.time()
     while "regenerate" not in seen and time.time() - t0 < 120:
