@@ -38,8 +38,9 @@ def test_best_k_trades_acceptance_against_pass_cost() -> None:
 def test_adaptive_k_lowers_k_when_drafts_are_rejected_and_keeps_it_when_accepted() -> None:
     costs = Costs(tuple(1.0 + 0.3 * n for n in range(7)))
     good = AdaptiveK(costs, 6)
+    assert good.k < 6  # nothing measured yet: the prior's K, not the most
     for _ in range(50):
-        good.update(good.k, good.k)  # every draft accepted
+        good.update(good.k, good.k)  # every draft accepted: unmeasured positions look as good, K grows
     assert good.k == 6
     bad = AdaptiveK(costs, 6)
     for _ in range(50):
@@ -54,7 +55,7 @@ def test_k_auto_varies_k_and_stays_distributed_as_the_target() -> None:
     """Lossless under --k auto: K depends only on earlier rounds, never on the current round's draws."""
     target = make_small_vocab_target()
     gen = SpeculativeGenerator(target, small_draft(target), k="auto", temperature=1.0)
-    gen._costs = Costs(tuple(1.0 + 0.6 * n for n in range(gen.k + 1)))  # steep: the peaked draft's tail is not worth it
+    gen._costs = Costs(tuple(1.0 + 0.15 * n for n in range(gen.k + 1)))  # cheap enough that K sometimes grows
     prompt = [1, 2, 3]
     res = gen.generate(prompt, max_new_tokens=1500, seed=0)
     assert len(res.tokens) == 1500 and gen.auto_k and res.k == 3

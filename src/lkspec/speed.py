@@ -96,17 +96,28 @@ def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, r
 class AdaptiveK:
     """`--k auto`: each round's K from the acceptance of the rounds before it and the measured costs.
 
-    Starts at k_max (it measures acceptance at every position) and re-chooses after every round; a
-    position's acceptance counts only rounds that drafted it, with a prior of `prior` accepted out of one
-    try so an unmeasured position is neither trusted nor written off.
+    A position's conditional acceptance counts only the rounds that reached it, plus one pseudo-try at the
+    rate of the position before it (`prior` for the first): an unmeasured position is expected to do as
+    well as the last measured one, so a draft that keeps being accepted is given more tokens and one that
+    is not is cut back, and the first round already uses the K that the prior's costs favour instead of
+    paying for K_max while nothing is known.
     """
 
     def __init__(self, costs: Costs, k_max: int, prior: float = 0.5) -> None:
-        self.costs, self.k_max = costs, k_max
-        self.tried = [1.0] * k_max
-        self.accepted = [prior] * k_max
-        self.k = k_max
+        self.costs, self.k_max, self.prior = costs, k_max, prior
+        self.tried = [0] * k_max
+        self.accepted = [0] * k_max
         self.rounds = self.drafted = 0
+        self.k = best_k(self.cumulative(), costs, k_max)
+
+    def cumulative(self) -> list[float]:
+        """P(the first i drafts are all accepted), i = 1..k_max, as estimated so far."""
+        out, run, rate = [], 1.0, self.prior
+        for a, t in zip(self.accepted, self.tried, strict=True):
+            rate = (a + rate) / (t + 1)
+            run *= rate
+            out.append(run)
+        return out
 
     def update(self, drafted: int, accepted: int, phases: dict[str, float] | None = None) -> int:
         """Record one round (tokens drafted, drafts accepted) and, when given, `generate`'s phase seconds so
@@ -118,9 +129,5 @@ class AdaptiveK:
         if phases is not None:
             self.costs = Costs.measured(self.costs.passes, phases, self.rounds, self.drafted,
                                         self.costs.plain_per_token)
-        cumulative, run = [], 1.0
-        for a, t in zip(self.accepted, self.tried, strict=True):
-            run *= a / t
-            cumulative.append(run)
-        self.k = best_k(cumulative, self.costs, self.k_max)
+        self.k = best_k(self.cumulative(), self.costs, self.k_max)
         return self.k
