@@ -3,6 +3,7 @@ results file, tables and plot, paired comparisons, and one-line errors for bad i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from lkspec.evaluate import (
     target_samples,
 )
 from lkspec.specdec import plain_generate
+from lkspec.speed import Costs, expected_tau, predicted_speedup
 from lkspec.targets import Target, TargetIdentity
 
 K = 3
@@ -132,7 +134,8 @@ def test_samples_do_not_depend_on_batching_and_are_cached(tiny_target: Target) -
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_oracle_draft_gives_k_plus_one(tiny_target: Target, temperature: float) -> None:
     prompts = _prompts(tiny_target, 4)
-    s = eval_settings(benchmarks=["mtbench"], temperatures=[temperature], rules=["sampled"], max_new_tokens=12)
+    s = eval_settings(benchmarks=["mtbench"], temperatures=[temperature], rules=["sampled"], max_new_tokens=12,
+                      speed=False)  # a stub draft has no proposal to time
     rep = evaluate(tiny_target, [DraftEntry("oracle", "-", OracleDraft(tiny_target))], s, progress=False,
                    prompts=prompts)
     row = rep.row("oracle", "mtbench", temperature, "sampled")
@@ -146,7 +149,7 @@ def test_oracle_draft_gives_k_plus_one(tiny_target: Target, temperature: float) 
 
 def test_never_draft_gives_exactly_one(tiny_target: Target) -> None:
     prompts = _prompts(tiny_target, 4)
-    s = eval_settings(benchmarks=["mtbench"], temperatures=[0, 1], max_new_tokens=12, baseline=False)
+    s = eval_settings(benchmarks=["mtbench"], temperatures=[0, 1], max_new_tokens=12, baseline=False, speed=False)
     used: set[int] = set()
     for T in (0.0, 1.0):
         run = target_samples(tiny_target, prompts["mtbench"], SampleSettings(temperature=T, max_new_tokens=12),
@@ -181,6 +184,35 @@ def test_paired_comparison_and_seeds(tiny_target: Target) -> None:
     assert diff["ci95"][1] - diff["ci95"][0] < (ra["ci95"][1] - ra["ci95"][0]) + (rb["ci95"][1] - rb["ci95"][0])
 
 
+def test_predicted_speedup_is_the_cost_model_on_the_measured_acceptance(tiny_target: Target) -> None:
+    """Every row carries the cost model's prediction from its own acceptance and its proposer's measured costs
+    (a NaN position, never reached, accepts nothing); with free proposals and a flat pass cost an oracle's
+    prediction is its tau(K) = K + 1 at the largest K; --no-speed times nothing."""
+    prompts = _prompts(tiny_target, 3)
+    s = eval_settings(benchmarks=["mtbench"], temperatures=[0, 1], max_new_tokens=10)
+    rep = evaluate(tiny_target, [DraftEntry("mlp", "-", _mlp(tiny_target))], s, progress=False, prompts=prompts)
+    speed = rep.to_json()["speed"]
+    assert len(speed["pass_seconds"]) == K + 1 and min(speed["pass_seconds"]) > 0
+    assert {(c["draft"], c["temperature"]) for c in speed["proposers"]} == {
+        (lab, T) for lab in ("mlp", "mlp+ngram", "ngram") for T in (0.0, 1.0)}
+    for row in rep.rows:
+        sp, c = row["predicted_speedup"], rep.costs[(row["draft"], row["temperature"])]
+        cum = [0.0 if np.isnan(v) else v for v in row["acceptance_cumulative"]]
+        assert sp["at_k"] == pytest.approx(predicted_speedup(cum, K, c))
+        assert 1 <= sp["best_k"] <= K and sp["at_best_k"] >= sp["at_k"] - 1e-12
+    assert "Predicted speed-up of `lkspec generate`" in rep.markdown()
+
+    oracle = evaluate(tiny_target, [DraftEntry("oracle", "-", OracleDraft(tiny_target))],
+                      s.model_copy(update={"speed": False, "baseline": False, "temperatures": [0.0]}),
+                      progress=False, prompts=prompts)
+    assert "speed" not in oracle.to_json() and all("predicted_speedup" not in r for r in oracle.rows)
+    free = dataclasses.replace(oracle, rows=[], differences=[], costs={("oracle", 0.0): Costs((0.05,) * (K + 1))})
+    row = free.row("oracle", "mtbench", 0.0, "sampled")
+    assert min(row["acceptance_cumulative"]) > 0.5  # every position accepts (the last round may be cut short)
+    sp = row["predicted_speedup"]
+    assert sp["best_k"] == K and sp["at_best_k"] == pytest.approx(expected_tau(row["acceptance_cumulative"], K))
+
+
 def test_cli_writes_results_table_and_plot(tiny_target_dir: Path, tiny_target: Target, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     d1 = _mlp(tiny_target, 0).save(tmp_path / "kl", target=tiny_target.identity)
@@ -193,7 +225,7 @@ def test_cli_writes_results_table_and_plot(tiny_target_dir: Path, tiny_target: T
     assert res["format"] == "lkspec-eval/1" and res["k"] == K and res["max_new_tokens"] == 8 and res["seed"] == 0
     assert TargetIdentity.model_validate(res["target"]) == tiny_target.identity
     keys = {"draft", "draft_path", "benchmark", "temperature", "rule", "tau", "ci95", "num_prompts", "num_tokens",
-            "acceptance", "acceptance_cumulative", "alpha"}
+            "acceptance", "acceptance_cumulative", "alpha", "predicted_speedup"}
     assert all(set(r) == keys for r in res["rows"])
     # 2 drafts x 2 temperatures x 2 rules x (2 benchmarks + mean)
     assert len(res["rows"]) == 2 * 2 * 2 * 3

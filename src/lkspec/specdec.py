@@ -22,6 +22,7 @@ pass and emits 1..K+1 tokens, which is what tau counts and what the coupling rep
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -142,6 +143,38 @@ class SpeculativeGenerator:
         if self._costs is None:
             self._costs = Costs(measure_pass_costs(self.target, self.k + 1))
         return self._costs
+
+    @torch.no_grad()
+    def measure_costs(self, passes: tuple[float, ...], *, reps: int = 15) -> Costs:
+        """Costs of this generator's round on this machine without generating: `passes` (the target's, shared
+        by every proposer), plus the median proposal of K tokens and the median acceptance step, each timed on
+        a round of the real shapes (a random hidden state, random logits, a 200-token n-gram context that
+        rarely matches, so the draft proposes the whole round). Bookkeeping (the cache crop, list appends,
+        1-2 % of a round in benchmarks/generate_speed.py) is left out."""
+        target, K, dev = self.target, self.k, self.target.device
+        g = torch.Generator(device=dev)
+        g.manual_seed(0)
+        cpu = torch.Generator().manual_seed(0)
+        h = torch.randn(1, target.hidden_size, generator=cpu).to(dev, target.dtype)
+        last = torch.randint(0, target.vocab_size, (1,), generator=cpu).to(dev)
+        context = torch.randint(0, target.vocab_size, (200,), generator=cpu).tolist()
+        index = NgramIndex(self.ngram, context) if self.uses_ngram else None
+        propose, accept = [], []
+        for _ in range(reps + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            drafts, q = self._propose(h, last, index, K, g)
+            drafts.tolist()  # waits for the device, as a round does
+            t1 = time.perf_counter()
+            if drafts.shape[0] < K:  # no n-gram match: time the acceptance step of a full round anyway
+                drafts = torch.randint(0, target.vocab_size, (K,), generator=cpu).to(dev)
+                q = torch.nn.functional.one_hot(drafts, target.vocab_size).float()
+            logits = target.logits_from_hidden(torch.randn(K + 1, target.hidden_size, generator=cpu)
+                                               .to(dev, target.dtype))
+            t2 = time.perf_counter()
+            _ = self._greedy_round(logits, drafts) if self.temperature == 0 else self._round(logits, drafts, q, g)
+            propose.append(t1 - t0)
+            accept.append(time.perf_counter() - t2)
+        return Costs(passes, statistics.median(propose[1:]) / K, statistics.median(accept[1:]))
 
     def _propose(self, h_prev: torch.Tensor, last: torch.Tensor, index: NgramIndex | None, k: int,
                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

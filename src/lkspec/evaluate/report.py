@@ -22,6 +22,7 @@ import numpy as np
 from lkspec.evaluate.replay import PromptReplay
 from lkspec.io import atomic_path, write_json
 from lkspec.proposers import NGRAM
+from lkspec.speed import Costs, best_k, predicted_speedup
 
 RESULTS_FORMAT = "lkspec-eval/1"
 MEAN = "mean"
@@ -85,6 +86,7 @@ class EvalReport:
     cost: Cost
     bootstrap: int = 2000
     coverage: dict[str, float] = field(default_factory=dict)  # truncated drafts: share of response tokens in the map
+    costs: dict[tuple[str, float], Costs] = field(default_factory=dict)  # (label, T): this machine's round costs
     ci_level: float = 0.95
     rows: list[dict[str, Any]] = field(default_factory=list)
     differences: list[dict[str, Any]] = field(default_factory=list)
@@ -146,7 +148,18 @@ class EvalReport:
             "tau": float(tot.tau), "ci95": _ci(draws, self.ci_level),
             "num_prompts": len(self.cells[(lab, T, rule, bench)].prompts), "num_tokens": round(tot.tokens),
             "acceptance": _floats(cond), "acceptance_cumulative": _floats(cum), "alpha": _floats(alpha),
+            **self._speed(lab, T, cum),
         }
+
+    def _speed(self, lab: str, T: float, cumulative: Sequence[float]) -> dict[str, Any]:
+        """The cost model's speed-up of `lkspec generate` at the eval's K and at the best K <= it."""
+        c = self.costs.get((lab, T))
+        if c is None:
+            return {}
+        cum = [0.0 if np.isnan(v) else float(v) for v in cumulative]  # a position no round reached accepts nothing
+        k = best_k(cum, c, self.k)
+        return {"predicted_speedup": {"k": self.k, "at_k": predicted_speedup(cum, self.k, c), "best_k": k,
+                                      "at_best_k": predicted_speedup(cum, k, c)}}
 
     def _mean_row(self, rows: list[dict[str, Any]], draws: np.ndarray) -> dict[str, Any]:
         first = rows[0]
@@ -163,6 +176,7 @@ class EvalReport:
             "num_prompts": sum(r["num_prompts"] for r in rows), "num_tokens": sum(r["num_tokens"] for r in rows),
             "acceptance": avg("acceptance"), "acceptance_cumulative": avg("acceptance_cumulative"),
             "alpha": avg("alpha"),
+            **self._speed(first["draft"], first["temperature"], avg("acceptance_cumulative")),
         }
 
     def _diff(self, lab: str, base: str, bench: str, T: float, rule: str, d: np.ndarray) -> dict[str, Any]:
@@ -186,9 +200,16 @@ class EvalReport:
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seeds[0] if len(self.seeds) == 1 else list(self.seeds),
             "token_map_coverage": self.coverage,
+            **({"speed": self._speed_json()} if self.costs else {}),
             "rows": self.rows,
             "differences": self.differences,
         }
+
+    def _speed_json(self) -> dict[str, Any]:
+        passes = next(iter(self.costs.values())).passes
+        return {"pass_seconds": list(passes), "relative_pass_cost": next(iter(self.costs.values())).relative(),
+                "proposers": [{"draft": lab, "temperature": T, "propose_seconds_per_token": c.propose_per_token,
+                               "accept_seconds_per_round": c.overhead} for (lab, T), c in self.costs.items()]}
 
     def write_json(self, path: str | Path) -> Path:
         write_json(path, self.to_json())
@@ -230,6 +251,8 @@ class EvalReport:
                             d = self.difference(lab, base, b, T, rule)
                             cells.append(f"{d['delta_tau']:+.3f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]")
                     lines.append(f"| {lab} | {rule} | " + " | ".join(cells) + " |")
+        if self.costs:
+            lines += self._speed_markdown(labels, cols, benches)
         pos = " | ".join(f"k={i}" for i in range(1, self.k + 1))
         lines += ["", "## Per-position acceptance (mean over benchmarks): conditional / cumulative, and alpha", "",
                   f"| draft | rule | T | quantity | {pos} |", "|---|---|---|---|" + "---|" * self.k]
@@ -261,6 +284,28 @@ class EvalReport:
             lines.append(f"- draft `{lab}` covers {share:.1%} of the evaluated response tokens with its token map "
                          f"(no draft position can accept the rest)")
         return "\n".join(lines) + "\n"
+
+    def _speed_markdown(self, labels: list[str], cols: list[str], benches: list[str]) -> list[str]:
+        some = next(iter(self.costs.values()))
+        rel = ", ".join(f"{v:.2f}" for v in some.relative()[1:])
+        hot = self.temperatures[-1]
+        per = "; ".join(f"`{lab}` {1e3 * c.propose_per_token:.1f} ms" for (lab, t), c in self.costs.items() if t == hot)
+        lines = ["", "## Predicted speed-up of `lkspec generate` over plain decoding, on this machine", "",
+                 f"Cost model (lkspec.speed): a round is one target pass over K + 1 tokens ({rel} x a one-token "
+                 f"pass of {1e3 * some.passes[0]:.0f} ms for K = 1..{self.k}, measured here) plus the proposal "
+                 f"(per drafted token at T={hot:g}: {per}) plus the acceptance step; speed-up = "
+                 "tau(K) x one-token pass / round. Each cell: at K = "
+                 f"{self.k} / at the best K (`lkspec generate --k auto` chooses it as it goes).", "",
+                 "| draft | rule | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for lab in labels:
+            for rule in self.rules:
+                cells = []
+                for T in self.temperatures:
+                    for b in benches:
+                        sp = self.row(lab, b, T, rule)["predicted_speedup"]
+                        cells.append(f"{sp['at_k']:.2f}x / {sp['at_best_k']:.2f}x (K={sp['best_k']})")
+                lines.append(f"| {lab} | {rule} | " + " | ".join(cells) + " |")
+        return lines
 
     def difference(self, lab: str, base: str, bench: str, T: float, rule: str) -> dict[str, Any]:
         for d in self.differences:

@@ -26,6 +26,8 @@ from lkspec.evaluate.report import Cell, Cost, EvalReport
 from lkspec.evaluate.samples import Prompt, SampleSettings, target_samples
 from lkspec.proposers import NGRAM, NgramSettings
 from lkspec.sampling import check_temperature
+from lkspec.specdec import SpeculativeGenerator
+from lkspec.speed import Costs, measure_pass_costs
 from lkspec.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ class EvalSettings(StrictModel):
     baseline: bool = Field(True, description="Also score the training-free n-gram prompt lookup (row `ngram`) and "
                            "each draft combined with it (`<draft>+ngram`), paired with every draft.",
                            **flag("--ngram/--no-ngram"))
+    speed: bool = Field(True, description=(
+        "Also predict `lkspec generate`'s wall-clock speed-up over plain decoding on this machine: time the target's "
+        "verification passes and every proposer's round (a few seconds), apply lkspec.speed's cost model to the "
+        "measured acceptance."), **flag("--speed/--no-speed"))
     ngram: NgramSettings = Field(default_factory=NgramSettings)
 
     def checked(self) -> EvalSettings:
@@ -196,12 +202,28 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
                     bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
                 bar.close()
     cells = {key: Cell(list(v.values())) for key, v in per_prompt.items()}
+    costs = round_costs(target, drafts, s, K) if s.speed else {}
     return EvalReport(
         target=target.identity.model_dump(), drafts=rows, benchmarks=benchmarks,
         temperatures=list(s.temperatures), rules=list(s.rules), k=K, max_new_tokens=s.max_new_tokens,
         seeds=list(s.seeds), cells=cells, cost=cost, bootstrap=s.bootstrap,
-        coverage={lab: n / max(seen, 1) for lab, n in covered.items()},
+        coverage={lab: n / max(seen, 1) for lab, n in covered.items()}, costs=costs,
     )
+
+
+def round_costs(target: Target, drafts: Sequence[DraftEntry], s: EvalSettings,
+                K: int) -> dict[tuple[str, float], Costs]:
+    """(label, T) -> this machine's round costs for every scored proposer: one target pass timing shared by all,
+    each proposer's own proposal and acceptance step (SpeculativeGenerator.measure_costs)."""
+    log.info("timing the target's verification passes and each proposer's round for the predicted speed-up "
+             "(--no-speed skips this)")
+    passes = measure_pass_costs(target, K + 1)
+    kinds: list[tuple[str, Draft | None, str]] = [(e.label, e.draft, "draft") for e in drafts]
+    if s.baseline:
+        kinds += [(f"{e.label}+{NGRAM}", e.draft, "ngram+draft") for e in drafts] + [(NGRAM, None, NGRAM)]
+    return {(lab, T): SpeculativeGenerator(target, d, k=K, temperature=T, top_k=s.top_k, top_p=s.top_p,
+                                           proposer=kind, ngram=s.ngram).measure_costs(passes)
+            for T in s.temperatures for lab, d, kind in kinds}
 
 
 def run_eval(target_spec: str, draft_paths: Sequence[str | Path], settings: EvalSettings, *,
