@@ -46,15 +46,18 @@ def test_adaptive_k_lowers_k_when_drafts_are_rejected_and_keeps_it_when_accepted
     for _ in range(50):
         bad.update(bad.k, 0)  # every first draft rejected
     assert bad.k == 1
-    timed = AdaptiveK(costs, 6)
-    timed.update(6, 6, {"propose": 6.0, "accept": 0.5, "bookkeeping": 0.5, "verify": 2.0, "prefill": 0.0})
-    assert timed.costs.propose_per_token == pytest.approx(1.0) and timed.costs.overhead == pytest.approx(1.0)
+    timed = Costs.measured(costs.passes, {"propose": 6.0, "accept": 0.5, "bookkeeping": 0.5, "verify": 2.0,
+                                          "prefill": 0.0}, rounds=1, drafted=6)
+    assert timed.propose_per_token == pytest.approx(1.0) and timed.overhead == pytest.approx(1.0)
+    assert AdaptiveK(costs, 6).update(6, 6, timed) < good.k  # a proposal that costs a pass a token is cut back
 
 
-def test_k_auto_varies_k_and_stays_distributed_as_the_target() -> None:
-    """Lossless under --k auto: K depends only on earlier rounds, never on the current round's draws."""
+@pytest.mark.parametrize("proposer", ["draft", "ngram+draft"])
+def test_k_auto_varies_k_and_stays_distributed_as_the_target(proposer: str) -> None:
+    """Lossless under --k auto: K depends only on earlier rounds (and, with the n-gram lookup, on whether the
+    context has a match, which the round's draws cannot change), never on the current round's draws."""
     target = make_small_vocab_target()
-    gen = SpeculativeGenerator(target, small_draft(target), k="auto", temperature=1.0)
+    gen = SpeculativeGenerator(target, small_draft(target), k="auto", temperature=1.0, proposer=proposer)
     gen._costs = Costs(tuple(1.0 + 0.15 * n for n in range(gen.k + 1)))  # cheap enough that K sometimes grows
     prompt = [1, 2, 3]
     res = gen.generate(prompt, max_new_tokens=1500, seed=0)

@@ -230,7 +230,8 @@ class SpeculativeGenerator:
             g.manual_seed(seed if seed is not None else torch.seed())
         eos = set(target.eos_token_ids)
         decoder = cached_decoder(target.model)
-        adapt = AdaptiveK(self.costs(), K) if self.auto_k else None
+        kinds = ("match", "no match") if self.uses_ngram else ("draft",)  # see AdaptiveK
+        auto = {kind: AdaptiveK(self.costs(), K) for kind in kinds} if self.auto_k else {}
         clock = _Clock()
         cache = DynamicCache(config=target.model.config)
         ids = torch.tensor([prompt], device=dev)
@@ -240,9 +241,10 @@ class SpeculativeGenerator:
         out: list[int] = []
         log: list[tuple[int, int]] = []
         drafted: list[int] = []
-        finished = False
+        n_drafted, finished = 0, False
         clock.lap("prefill")
         while len(out) < max_new_tokens and not finished:
+            adapt = auto.get(kinds[0] if index is None or index.propose(1) else kinds[1])
             drafts, q = self._propose(h_prev, last, index, adapt.k if adapt else K, g)
             base = cache.get_seq_length()  # position of `last`
             clock.lap("propose")
@@ -268,7 +270,11 @@ class SpeculativeGenerator:
                 on_tokens(new)
             clock.lap("bookkeeping")
             if adapt is not None:
-                adapt.update(int(drafts.shape[0]), j, clock.phases)
+                n_drafted += drafted[-1]
+                costs = Costs.measured(adapt.costs.passes, clock.phases, len(log), n_drafted)
+                for a in auto.values():
+                    a.costs = costs
+                adapt.update(int(drafts.shape[0]), j)
         return GenerationResult(prompt, out, len(log), finished, clock.total, K, log, dict(clock.phases),
                                 drafted)
 

@@ -100,15 +100,20 @@ class AdaptiveK:
     rate of the position before it (`prior` for the first): an unmeasured position is expected to do as
     well as the last measured one, so a draft that keeps being accepted is given more tokens and one that
     is not is cut back, and the first round already uses the K that the prior's costs favour instead of
-    paying for K_max while nothing is known.
+    paying for K_max while nothing is known. The generator keeps one per kind of round when the n-gram
+    lookup is on (rounds where the context has a match, rounds where it has none): a copied continuation
+    is accepted far more often than a draft's guess, so it earns a larger K.
     """
 
     def __init__(self, costs: Costs, k_max: int, prior: float = 0.5) -> None:
         self.costs, self.k_max, self.prior = costs, k_max, prior
         self.tried = [0] * k_max
         self.accepted = [0] * k_max
-        self.rounds = self.drafted = 0
-        self.k = best_k(self.cumulative(), costs, k_max)
+
+    @property
+    def k(self) -> int:
+        """The next round's K: the best predicted speed-up under the acceptance so far and `costs`."""
+        return best_k(self.cumulative(), self.costs, self.k_max)
 
     def cumulative(self) -> list[float]:
         """P(the first i drafts are all accepted), i = 1..k_max, as estimated so far."""
@@ -119,15 +124,12 @@ class AdaptiveK:
             out.append(run)
         return out
 
-    def update(self, drafted: int, accepted: int, phases: dict[str, float] | None = None) -> int:
-        """Record one round (tokens drafted, drafts accepted) and, when given, `generate`'s phase seconds so
-        far (the draft's and the round's own costs as measured); the next K."""
+    def update(self, drafted: int, accepted: int, costs: Costs | None = None) -> int:
+        """Record one round (tokens drafted, drafts accepted) and, when given, the costs measured so far
+        (`Costs.measured` from generate's phase seconds); the next K."""
         for i in range(min(drafted, accepted + 1)):
             self.tried[i] += 1
             self.accepted[i] += i < accepted
-        self.rounds, self.drafted = self.rounds + 1, self.drafted + drafted
-        if phases is not None:
-            self.costs = Costs.measured(self.costs.passes, phases, self.rounds, self.drafted,
-                                        self.costs.plain_per_token)
-        self.k = best_k(self.cumulative(), self.costs, self.k_max)
+        if costs is not None:
+            self.costs = costs
         return self.k
