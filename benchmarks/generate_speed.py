@@ -1,9 +1,12 @@
 """Is `lkspec generate` faster than plain decoding? Tokens/s, τ, speed-up and where a round's time goes.
 
-    python benchmarks/generate_speed.py --draft lkspec-demo/runs/mlp-lk_hybrid          # ~10 min on 2 cores
+    python benchmarks/generate_speed.py --draft lkspec-demo/runs/mlp-lk_hybrid          # ~15 min on 2 cores
     python benchmarks/generate_speed.py --draft RUN_A --draft RUN_B --prompts 2 --ks 2,4,6 -t 0
 
-Side by side in one run, on the same prompts (the first --prompts of MT-bench, HumanEval and GSM8K), batch 1:
+Side by side in one run, on the same prompts (the first --prompts of MT-bench, HumanEval and GSM8K), batch 1,
+interleaved: each prompt is decoded plainly, then by every configuration, then plainly again, so the
+machine's drift over the run (this 2-core host's speed moves by tens of percent within minutes) falls on
+the baseline and the proposers alike:
 
 1. the cost of a cached target pass (+ lm_head) over k + 1 new tokens relative to one token, k = 0..K:
    what a verification pass costs on this machine;
@@ -60,19 +63,18 @@ def plain_loop(target: Target, prompt: Sequence[int], max_new_tokens: int, tempe
     return out, time.perf_counter() - t0, prefill
 
 
-def run_plain(target: Target, prompts: list[list[int]], n: int, T: float) -> dict[str, float]:
-    """Both plain decoders on every prompt: tokens/s end to end, and the loop's decode rate after prefill."""
-    hf = loop = tokens = decode_s = decode_tok = 0.0
-    for i, p in enumerate(prompts):
-        out, s = plain_generate(target, p, max_new_tokens=n, temperature=T, seed=i)
-        out2, s2, pre = plain_loop(target, p, n, T, i)
-        hf, loop, tokens = hf + s, loop + s2, tokens + len(out)
-        decode_s, decode_tok = decode_s + s2 - pre, decode_tok + len(out2) - 1
-    return {"hf": tokens / hf, "loop": tokens / loop, "decode": decode_tok / decode_s}
+def run_plain(target: Target, prompt: list[int], n: int, T: float, seed: int) -> dict[str, float]:
+    """Both plain decoders on one prompt: seconds of each, tokens, and the loop's decode part (sums to add up)."""
+    out, hf = plain_generate(target, prompt, max_new_tokens=n, temperature=T, seed=seed)
+    out2, loop, pre = plain_loop(target, prompt, n, T, seed)
+    return {"hf_s": hf, "hf_tok": len(out), "loop_s": loop, "loop_tok": len(out2), "decode_s": loop - pre,
+            "decode_tok": len(out2) - 1}
 
 
-def run_spec(gen: SpeculativeGenerator, prompts: list[list[int]], n: int) -> list[GenerationResult]:
-    return [gen.generate(p, max_new_tokens=n, seed=i) for i, p in enumerate(prompts)]
+def plain_rates(runs: list[dict[str, float]]) -> dict[str, float]:
+    tot = {key: sum(r[key] for r in runs) for key in runs[0]}
+    return {"hf": tot["hf_tok"] / tot["hf_s"], "loop": tot["loop_tok"] / tot["loop_s"],
+            "decode": tot["decode_tok"] / tot["decode_s"]}
 
 
 def summary(results: list[GenerationResult]) -> dict[str, float | list[float]]:
@@ -118,45 +120,46 @@ def main() -> None:
           f"   (one token: {1e3 * passes[0]:.1f} ms)")
 
     for T in temps:
-        plain = run_plain(target, prompts, n, T)
-        print(f"\n2-4. T = {T:g}: plain HF generate {plain['hf']:.1f} tok/s, plain cached loop {plain['loop']:.1f} "
-              f"tok/s; after the prefill {plain['decode']:.1f} tok/s")
-        print("   speed-up: end to end over the faster plain decoder; decode: after the prefill, over the loop's "
-              "decode rate (what the cost model predicts). Plain decoding is timed again after each proposer and each "
-              "proposer's rows use the mean of the timings before and after it, so a machine that drifts in speed "
-              "over the minutes of a run does not pass for a speed-up.")
-        print(f"   {'proposer':26s} {'K':>4s} {'tok/s':>6s} {'tau':>5s} {'speed-up':>8s} {'decode':>7s} "
-              f"{'predicted':>9s} {'ms/round':>8s} | " + " ".join(f"{ph:>7s}" for ph in PHASES) + " | overhead")
         configs = [("ngram", None)] + [(f"{kind}:{name}", d) for name, d in drafts.items()
                                        for kind in ("draft", "ngram+draft")]
-        for label, draft in configs:
+        gens = {(label, k): SpeculativeGenerator(target, draft, k=k, temperature=T, proposer=label.split(":")[0])
+                for label, draft in configs for k in [*ks, AUTO]
+                if k == AUTO or k <= (draft.num_heads if draft is not None else max(ks))}
+        # interleaved by prompt: plain decoding before and after each prompt's block of every configuration,
+        # so a machine whose speed drifts over the minutes of a run slows the baseline and the proposers alike
+        plain_runs: list[dict[str, float]] = []
+        results: dict[tuple[str, int | str], list[GenerationResult]] = {key: [] for key in gens}
+        for i, prompt in enumerate(prompts):
+            plain_runs.append(run_plain(target, prompt, n, T, i))
+            for key, gen in gens.items():
+                results[key].append(gen.generate(prompt, max_new_tokens=n, seed=i))
+            plain_runs.append(run_plain(target, prompt, n, T, i))
+        plain = plain_rates(plain_runs)
+        plain_rate = max(plain["hf"], plain["loop"])
+        first, last = plain_rates(plain_runs[:2]), plain_rates(plain_runs[-2:])
+        print(f"\n2-4. T = {T:g}: plain HF generate {plain['hf']:.1f} tok/s, plain cached loop {plain['loop']:.1f} "
+              f"tok/s -> baseline {plain_rate:.1f} tok/s; after the prefill {plain['decode']:.1f} tok/s (first / "
+              f"last prompt's block: {first['decode']:.1f} / {last['decode']:.1f}: the machine's drift)")
+        print("   speed-up: end to end over the faster plain decoder; decode: after the prefill, over the loop's "
+              "decode rate (what the cost model predicts); every configuration ran on each prompt between two "
+              "plain runs of it")
+        print(f"   {'proposer':26s} {'K':>4s} {'tok/s':>6s} {'tau':>5s} {'speed-up':>8s} {'decode':>7s} "
+              f"{'predicted':>9s} {'ms/round':>8s} | " + " ".join(f"{ph:>7s}" for ph in PHASES) + " | overhead")
+        for label, _ in configs:
             kind = label.split(":")[0]
-            rows = {}
-            for k in [*ks, AUTO]:
-                heads = draft.num_heads if draft is not None else max(ks)
-                if k != AUTO and k > heads:
-                    continue
-                gen = SpeculativeGenerator(target, draft, k=k, temperature=T, proposer=kind)
-                rows[k] = summary(run_spec(gen, prompts, n))
-            after = run_plain(target, prompts, n, T)
-            base = {key: (plain[key] + after[key]) / 2 for key in plain}
-            plain_rate = max(base["hf"], base["loop"])
-            print(f"   {label}: plain decoding before / after it {max(plain['hf'], plain['loop']):.1f} / "
-                  f"{max(after['hf'], after['loop']):.1f} tok/s -> baseline {plain_rate:.1f} tok/s")
-            plain = after
+            rows = {k: summary(res) for (lab, k), res in results.items() if lab == label}
             top = max(k for k in rows if k != AUTO)
-            plain_s = 1.0 / base["decode"]
             top_row = rows[top]
-            costs = Costs.measured(passes, top_row["phases"], top_row["rounds"], top_row["drafted"], plain_s)
+            costs = Costs.measured(passes, top_row["phases"], top_row["rounds"], top_row["drafted"],
+                                   1.0 / plain["decode"])
             for k, r in rows.items():
                 pred = (f"{predicted_speedup(top_row['cumulative'], k, costs):.2f}x"
                         if k != AUTO and kind != "ngram" else "")
                 total = 1e3 * r["seconds"] / r["rounds"]
                 print(f"   {label:26s} {k!s:>4s} {r['rate']:6.1f} {r['tau']:5.2f} {r['rate'] / plain_rate:7.2f}x "
-                      f"{r['decode_rate'] / base['decode']:6.2f}x {pred:>9s} {total:8.1f} | "
+                      f"{r['decode_rate'] / plain['decode']:6.2f}x {pred:>9s} {total:8.1f} | "
                       + " ".join(f"{r[f'ms_{ph}']:7.1f}" for ph in PHASES) +
                       f" | {100 * r['overhead']:5.1f} %")
-
 
 if __name__ == "__main__":
     main()

@@ -46,6 +46,8 @@ def test_report_has_the_table_verdict_and_plots(demo_out: tuple[Path, float]) ->
         assert heading in report, heading
     assert "`mlp-lk_hybrid` − `mlp-kl`" in report and "`medusa-lk_hybrid` − `medusa-kl`" in report
     assert "(eta 3)" in report and "(eta 10)" in report
+    assert "Predicted `lkspec generate` speed-up over plain decoding on this machine" in report
+    assert re.search(r"- T=1: `[\w+-]+` \d+\.\d\dx at K = [1-6] \(at K = 6: \d+\.\d\dx\)", report)
     table = [line for line in report.splitlines() if line.startswith("| mlp-")]
     assert {line.split("|")[2].strip() for line in table} >= {"sampled", "greedy"}
     for png in ("metrics.png", "eval/mlp.png", "eval/medusa.png"):
@@ -67,6 +69,9 @@ def test_every_tau_is_in_range_with_a_ci(demo_out: tuple[Path, float], arch: str
         lo, hi = r["ci95"]
         assert 1.0 <= lo <= r["tau"] + 1e-9 and r["tau"] <= hi + 1e-9 and hi <= K + 1, r
         assert r["num_prompts"] > 0 and len(r["acceptance"]) == K
+        sp = r["predicted_speedup"]
+        assert 1 <= sp["best_k"] <= K and sp["at_best_k"] >= sp["at_k"] > 0, sp
+    assert len(res["speed"]["pass_seconds"]) == K + 1
 
 
 def test_exports_are_vllm_layouts_with_cards(demo_out: tuple[Path, float]) -> None:

@@ -27,6 +27,7 @@ from lkspec.evaluate import (
     run_eval,
     target_samples,
 )
+from lkspec.report import speed_verdict
 from lkspec.specdec import plain_generate
 from lkspec.speed import Costs, expected_tau, predicted_speedup
 from lkspec.targets import Target, TargetIdentity
@@ -201,6 +202,11 @@ def test_predicted_speedup_is_the_cost_model_on_the_measured_acceptance(tiny_tar
         assert sp["at_k"] == pytest.approx(predicted_speedup(cum, K, c))
         assert 1 <= sp["best_k"] <= K and sp["at_best_k"] >= sp["at_k"] - 1e-12
     assert "Predicted speed-up of `lkspec generate`" in rep.markdown()
+    lines = [line for line in speed_verdict(rep) if line.startswith("- T=")]
+    for T, line in zip((0.0, 1.0), lines, strict=True):  # the demo's verdict names the fastest proposer per T
+        best = max((rep.row(lab, "mean", T, "sampled") for lab in ("mlp", "mlp+ngram", "ngram")),
+                   key=lambda r: r["predicted_speedup"]["at_best_k"])
+        assert line.startswith(f"- T={T:g}: `{best['draft']}` {best['predicted_speedup']['at_best_k']:.2f}x"), line
 
     oracle = evaluate(tiny_target, [DraftEntry("oracle", "-", OracleDraft(tiny_target))],
                       s.model_copy(update={"speed": False, "baseline": False, "temperatures": [0.0]}),

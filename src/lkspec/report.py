@@ -193,4 +193,20 @@ def verdicts(report: Any, names: list[str]) -> list[str]:
                 if T == 0 and rule != report.rules[0]:
                     continue
                 lines += verdict(report, T, rule, against=NGRAM, challengers=set(names) | combos)
+    return lines + speed_verdict(report)
+
+
+def speed_verdict(report: Any) -> list[str]:
+    """Per temperature, the proposer the cost model expects to be fastest under `lkspec generate` here (its rule:
+    sampled drafts), and by how much over plain decoding; nothing when the eval ran with --no-speed."""
+    if not getattr(report, "costs", None) or "sampled" not in report.rules:
+        return []
+    lines = ["", "Predicted `lkspec generate` speed-up over plain decoding on this machine (cost model, mean over "
+             "benchmarks, at the best K):", ""]
+    for T in report.temperatures:
+        rows = [report.row(lab, MEAN, T, "sampled") for lab, _ in report.drafts]
+        best = max(rows, key=lambda r: r["predicted_speedup"]["at_best_k"])
+        sp = best["predicted_speedup"]
+        lines.append(f"- T={T:g}: `{best['draft']}` {sp['at_best_k']:.2f}x at K = {sp['best_k']} (at K = {sp['k']}: "
+                     f"{sp['at_k']:.2f}x)" + ("" if sp["at_best_k"] > 1 else " — slower than plain decoding here"))
     return lines
