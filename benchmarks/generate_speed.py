@@ -150,8 +150,9 @@ def main() -> None:
             rows = {k: summary(res) for (lab, k), res in results.items() if lab == label}
             top = max(k for k in rows if k != AUTO)
             top_row = rows[top]
-            costs = Costs.measured(passes, top_row["phases"], top_row["rounds"], top_row["drafted"],
-                                   1.0 / plain["decode"])
+            # plain decoding's cost = the one-token pass of (1), on the same clock as the multi-token passes: the
+            # machine's drift between (1) and the runs must not enter the prediction (lkspec eval does the same)
+            costs = Costs.measured(passes, top_row["phases"], top_row["rounds"], top_row["drafted"])
             for k, r in rows.items():
                 pred = (f"{predicted_speedup(top_row['cumulative'], k, costs):.2f}x"
                         if k != AUTO and kind != "ngram" else "")
