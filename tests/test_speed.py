@@ -49,7 +49,7 @@ def test_adaptive_k_lowers_k_when_drafts_are_rejected_and_keeps_it_when_accepted
     timed = Costs.measured(costs.passes, {"propose": 6.0, "accept": 0.5, "bookkeeping": 0.5, "verify": 2.0,
                                           "prefill": 0.0}, rounds=1, drafted=6)
     assert timed.propose_per_token == pytest.approx(1.0) and timed.overhead == pytest.approx(1.0)
-    assert AdaptiveK(costs, 6).update(6, 6, timed) < good.k  # a proposal that costs a pass a token is cut back
+    assert AdaptiveK(timed, 6).update(6, 6) < good.k  # a proposal that costs a pass a token is cut back
 
 
 @pytest.mark.parametrize("proposer", ["draft", "ngram+draft"])

@@ -118,7 +118,7 @@ class SpeculativeGenerator:
         self.uses_ngram = proposer != "draft"
         if isinstance(k, str) and k != AUTO:
             raise LkspecError(f"K must be a number of tokens or {AUTO!r}, got {k!r}")
-        self.auto_k, k = k == AUTO, None if k == AUTO else k  # auto: the most K, lowered round by round
+        self.auto_k, k = k == AUTO, None if k == AUTO else k  # auto: K chosen per round, at most the default
         self._costs: Costs | None = None
         if self.uses_draft:
             if draft is None:
@@ -162,7 +162,7 @@ class SpeculativeGenerator:
         propose, accept = [], []
         for _ in range(reps + 1):  # the first is a warm-up
             t0 = time.perf_counter()
-            drafts, q = self._propose(h, last, index, K, g)
+            drafts, q = self._propose(h, last, index.propose(K) if index is not None else [], K, g)
             drafts.tolist()  # waits for the device, as a round does
             t1 = time.perf_counter()
             if drafts.shape[0] < K:  # no n-gram match: time the acceptance step of a full round anyway
@@ -171,16 +171,17 @@ class SpeculativeGenerator:
             logits = target.logits_from_hidden(torch.randn(K + 1, target.hidden_size, generator=cpu)
                                                .to(dev, target.dtype))
             t2 = time.perf_counter()
-            _ = self._greedy_round(logits, drafts) if self.temperature == 0 else self._round(logits, drafts, q, g)
+            self._greedy_round(logits, drafts) if self.temperature == 0 else self._round(logits, drafts, q, g)
             propose.append(t1 - t0)
             accept.append(time.perf_counter() - t2)
         return Costs(passes, statistics.median(propose[1:]) / K, statistics.median(accept[1:]))
 
-    def _propose(self, h_prev: torch.Tensor, last: torch.Tensor, index: NgramIndex | None, k: int,
+    def _propose(self, h_prev: torch.Tensor, last: torch.Tensor, lookup: list[int], k: int,
                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m <= k drafted tokens [m], the distributions they were drawn from [m, V]) for one round."""
+        """(m <= k drafted tokens [m], the distributions they were drawn from [m, V]) for one round; `lookup` is
+        the n-gram continuation (empty: no match, or no lookup), of which the round takes the first k."""
         V, dev = self.target.vocab_size, self.target.device
-        prefix = index.propose(k) if index is not None else []
+        prefix = lookup[:k]
         if not self.uses_draft or len(prefix) == k:
             toks = torch.tensor(prefix, dtype=torch.long, device=dev)
             return toks, torch.nn.functional.one_hot(toks, V).float()
@@ -244,8 +245,9 @@ class SpeculativeGenerator:
         n_drafted, finished = 0, False
         clock.lap("prefill")
         while len(out) < max_new_tokens and not finished:
-            adapt = auto.get(kinds[0] if index is None or index.propose(1) else kinds[1])
-            drafts, q = self._propose(h_prev, last, index, adapt.k if adapt else K, g)
+            lookup = index.propose(K) if index is not None else []  # its first k tokens are propose(k)
+            adapt = auto.get(kinds[0] if index is None or lookup else kinds[1])
+            drafts, q = self._propose(h_prev, last, lookup, adapt.k if adapt else K, g)
             base = cache.get_seq_length()  # position of `last`
             clock.lap("propose")
             hs = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), cache=cache,
@@ -274,7 +276,7 @@ class SpeculativeGenerator:
                 costs = Costs.measured(adapt.costs.passes, clock.phases, len(log), n_drafted)
                 for a in auto.values():
                     a.costs = costs
-                adapt.update(int(drafts.shape[0]), j)
+                adapt.update(drafted[-1], j)
         return GenerationResult(prompt, out, len(log), finished, clock.total, K, log, dict(clock.phases),
                                 drafted)
 

@@ -124,12 +124,10 @@ class AdaptiveK:
             out.append(run)
         return out
 
-    def update(self, drafted: int, accepted: int, costs: Costs | None = None) -> int:
-        """Record one round (tokens drafted, drafts accepted) and, when given, the costs measured so far
-        (`Costs.measured` from generate's phase seconds); the next K."""
+    def update(self, drafted: int, accepted: int) -> int:
+        """Record one round (tokens drafted, drafts accepted); the next K. The generator keeps `costs` current
+        (`Costs.measured` from its phase seconds), shared by every estimator of a run."""
         for i in range(min(drafted, accepted + 1)):
             self.tried[i] += 1
             self.accepted[i] += i < accepted
-        if costs is not None:
-            self.costs = costs
         return self.k

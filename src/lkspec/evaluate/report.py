@@ -206,8 +206,8 @@ class EvalReport:
         }
 
     def _speed_json(self) -> dict[str, Any]:
-        passes = next(iter(self.costs.values())).passes
-        return {"pass_seconds": list(passes), "relative_pass_cost": next(iter(self.costs.values())).relative(),
+        some = next(iter(self.costs.values()))  # the pass timing is one, shared by every proposer
+        return {"pass_seconds": list(some.passes), "relative_pass_cost": some.relative(),
                 "proposers": [{"draft": lab, "temperature": T, "propose_seconds_per_token": c.propose_per_token,
                                "accept_seconds_per_round": c.overhead} for (lab, T), c in self.costs.items()]}
 
