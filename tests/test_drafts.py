@@ -29,8 +29,8 @@ def _randomize(draft: torch.nn.Module, seed: int = 1) -> None:
 
 
 def test_registry_and_paper_eta() -> None:
-    assert set(DRAFTS) == {"mlp_speculator", "medusa"}
-    assert DEFAULT_ETA == {"mlp_speculator": 3.0, "medusa": 10.0}
+    assert set(DRAFTS) == {"mlp_speculator", "medusa", "eagle3"}
+    assert DEFAULT_ETA == {"mlp_speculator": 3.0, "medusa": 10.0, "eagle3": 3.0}  # the paper's EAGLE-3 eta is 3
 
 
 @pytest.mark.parametrize(("arch", "kw"), ARCHS)

@@ -179,8 +179,9 @@ def test_token_budget_and_estimate(tiny_target: Target, tokens: Path, tmp_path: 
     assert store.num_tokens >= 200 and store.num_tokens - lengths[rows[-1]] < 200
     bigger = extract_features(tiny_target, tokens, tmp_path / "f", progress=False, max_tokens=400, **SMALL)
     assert bigger.num_tokens >= 400 and sorted(d.row for d in bigger.iter_docs())[: len(rows)] == rows
-    assert estimate_bytes(1000, 4096, "bfloat16") == 1000 * (4096 * 2 + 5)
-    assert estimate_bytes(10, 8, "float32") == 10 * 37
+    assert estimate_bytes(1000, 4096, "bfloat16") == 1000 * (4096 * 2 + 9)
+    assert estimate_bytes(10, 8, "float32") == 10 * 41
+    assert estimate_bytes(10, 8, "float32", num_aux=3) == 10 * (4 * 32 + 9)  # EAGLE-3's three layers more
     plan = plan_shards([5, 9, 1, 7, 3], batch_size=2, shard_tokens=10)
     assert plan == [[[1, 3]], [[0, 4], [2]]]  # longest first; a shard closes after the batch that fills it
 

@@ -56,10 +56,10 @@ class ScriptedDraft(StubDraft):
     def _position(self, h: torch.Tensor) -> int:
         return int((self.ref - h).norm(dim=-1).argmin())
 
-    def propose(self, hidden: torch.Tensor, last_token: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, num_tokens: int | None = None, generator: Any = None) -> Proposal:
-        r = self._position(hidden[0])
-        assert self.ids[r + 1] == int(last_token[0])
+    def propose_in(self, ctx: Any, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   num_tokens: int | None = None, generator: Any = None) -> Proposal:
+        r = self._position(ctx.hidden[0])
+        assert self.ids[r + 1] == int(ctx.token[0])
         tokens = torch.tensor([[self._token(r + 2 + i) for i in range(num_tokens or self.num_heads)]])
         return Proposal(tokens, torch.nn.functional.one_hot(tokens, self.config.vocab_size).float())
 

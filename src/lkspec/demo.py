@@ -17,7 +17,7 @@ from lkspec.losses import BASELINE_LOSS, DEFAULT_LOSS
 from lkspec.pipeline import PipelineConfig, load_pipeline_config
 from lkspec.targets import EMBEDDED_NAME
 
-ARCHS = {"mlp": ["mlp_speculator"], "medusa": ["medusa"], "all": ["mlp_speculator", "medusa"]}
+ARCHS = {"mlp": ["mlp_speculator"], "medusa": ["medusa"], "eagle3": ["eagle3"], "all": ["mlp_speculator", "medusa"]}
 
 FULL: dict[str, Any] = {
     "name": "lkspec-demo",
@@ -71,7 +71,7 @@ def demo_config(*, quick: bool = False, scale: float = 1.0, arch: str = "mlp", t
                 overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """The demo's pipeline config; `scale` multiplies the prompt budget and the evaluation prompts."""
     if arch not in ARCHS:
-        raise LkspecError(f"unknown --arch {arch!r}; choose mlp, medusa or all")
+        raise LkspecError(f"unknown --arch {arch!r}; choose {', '.join(ARCHS)}")
     if not scale > 0:
         raise LkspecError(f"--scale must be positive, got {scale}")
     base = _merge(FULL, QUICK) if quick else dict(FULL)

@@ -34,6 +34,7 @@ from lkspec.losses import BASELINE_LOSS, DEFAULT_LOSS, LOSSES, check_loss_name, 
 from lkspec.targets import load_target
 from lkspec.train import build_config, train
 from lkspec.train.checkpoint import state_dir
+from lkspec.train.setup import draft_aux_layers
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
         if not self.archs:
-            raise ValueError("archs is empty; list mlp_speculator and/or medusa")
+            raise ValueError(f"archs is empty; list one or more of {', '.join(DRAFTS)}")
         if not self.losses:
             raise ValueError("losses is empty; list at least one of " + ", ".join(LOSSES))
         for loss in self.losses:
@@ -113,6 +114,15 @@ class PipelineConfig(StrictModel):
     def run_names(self) -> list[tuple[str, str, str]]:
         """(name, arch, loss) of every training run, baseline loss first within each arch."""
         return [(f"{DRAFTS[a].short}-{loss}", a, loss) for a in self.archs for loss in self.losses]
+
+    def aux_layers(self, target: Any, out: Path) -> list[int]:
+        """The aux layers the features must carry: those the runs' drafts read (EAGLE-3), one set for all."""
+        sets = {tuple(draft_aux_layers(self.train_config(arch, loss, out).draft, target.identity, target.config))
+                for _, arch, loss in self.run_names()} - {()}
+        if len(sets) > 1:
+            raise LkspecError(f"the drafts read different target layers {sorted(sets)}; give every eagle3 run the "
+                              f"same draft.aux_layers (the features are extracted once)")
+        return list(next(iter(sets), ()))
 
     def train_config(self, arch: str, loss: str, out: Path) -> Any:
         overrides = {
@@ -210,7 +220,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
 
     t = stage(2, "data: prompts -> target-regenerated responses -> hidden-state features")
     f = cfg.data.features
-    feature_kw = f.extract_kwargs()
+    feature_kw = {**f.extract_kwargs(), "aux_layers": f.aux_layers or cfg.aux_layers(target, out)}
     sources: list[Any] = []
     for folder, prompts, regen in cfg.data.parts():
         where = out / "data" / folder if folder else out / "data"

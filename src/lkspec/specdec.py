@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ from lkspec.errors import LkspecError
 from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
 from lkspec.sampling import check_temperature, sample, warp_probs
 from lkspec.speed import AUTO, AdaptiveK, Costs, measure_pass_costs
-from lkspec.targets import Target, cached_decoder, crop_cache
+from lkspec.targets import Target, cached_decoder, crop_cache, select_features
 
 GEN_RULES = ("sampled", "greedy")
 # A round's time, split: prefill (the prompt, once), propose (the draft's forward and draws, or the n-gram
@@ -134,6 +135,7 @@ class SpeculativeGenerator:
         if self.k < 1:
             raise LkspecError(f"K = {self.k}: a round drafts at least one token; use --k 1 or more")
         self.target, self.draft = target, draft
+        self.layers = tuple(draft.aux_layers) if self.uses_draft and draft is not None else ()
         self.ngram = ngram or NgramSettings()
         self.proposer = proposer
         self.temperature, self.top_k, self.top_p, self.rule = float(temperature), top_k, top_p, rule
@@ -155,14 +157,17 @@ class SpeculativeGenerator:
         g = torch.Generator(device=dev)
         g.manual_seed(0)
         cpu = torch.Generator().manual_seed(0)
-        h = torch.randn(1, target.hidden_size, generator=cpu).to(dev, target.dtype)
-        last = torch.randint(0, target.vocab_size, (1,), generator=cpu).to(dev)
         context = torch.randint(0, target.vocab_size, (200,), generator=cpu).tolist()
+        ctx = None
+        if self.draft is not None:
+            ctx = self.draft.new_context()
+            self.draft.extend(ctx, torch.randn(1, 200, self.draft.input_width, generator=cpu).to(dev, target.dtype),
+                              torch.tensor([context], device=dev))
         index = NgramIndex(self.ngram, context) if self.uses_ngram else None
         propose, accept = [], []
         for _ in range(reps + 1):  # the first is a warm-up
             t0 = time.perf_counter()
-            drafts, q = self._propose(h, last, index.propose(K) if index is not None else [], K, g)
+            drafts, q = self._propose(ctx, index.propose(K) if index is not None else [], K, g)
             drafts.tolist()  # waits for the device, as a round does
             t1 = time.perf_counter()
             if drafts.shape[0] < K:  # no n-gram match: time the acceptance step of a full round anyway
@@ -176,8 +181,7 @@ class SpeculativeGenerator:
             accept.append(time.perf_counter() - t2)
         return Costs(passes, statistics.median(propose[1:]) / K, statistics.median(accept[1:]))
 
-    def _propose(self, h_prev: torch.Tensor, last: torch.Tensor, lookup: list[int], k: int,
-                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _propose(self, ctx: Any, lookup: list[int], k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(m <= k drafted tokens [m], the distributions they were drawn from [m, V]) for one round; `lookup` is
         the n-gram continuation (empty: no match, or no lookup), of which the round takes the first k."""
         V, dev = self.target.vocab_size, self.target.device
@@ -187,9 +191,9 @@ class SpeculativeGenerator:
             return toks, torch.nn.functional.one_hot(toks, V).float()
         assert self.draft is not None
         greedy = self.rule == "greedy" or self.temperature == 0
-        prop = self.draft.propose(h_prev, last, temperature=0.0 if greedy else self.temperature, top_k=self.top_k,
-                                  top_p=self.top_p, num_tokens=k, generator=g,
-                                  **({"prefix": prefix} if prefix else {}))
+        prop = self.draft.propose_in(ctx, temperature=0.0 if greedy else self.temperature, top_k=self.top_k,
+                                     top_p=self.top_p, num_tokens=k, generator=g,
+                                     **({"prefix": prefix} if prefix else {}))
         return prop.tokens[0].to(dev), prop.probs[0].to(dev)
 
     @staticmethod
@@ -236,7 +240,11 @@ class SpeculativeGenerator:
         clock = _Clock()
         cache = DynamicCache(config=target.model.config)
         ids = torch.tensor([prompt], device=dev)
-        h_prev = decoder(input_ids=ids[:, :-1], cache=cache, use_cache=True).last_hidden_state[:, -1]
+        layers, wide = self.layers, {"output_hidden_states": True} if self.layers else {}
+        ctx = self.draft.new_context() if self.uses_draft else None  # type: ignore[union-attr]
+        pre = decoder(input_ids=ids[:, :-1], cache=cache, use_cache=True, **wide)
+        if ctx is not None:  # the draft's context: the target's features at each prompt position, the token after
+            self.draft.extend(ctx, select_features(pre, layers), ids[:, 1:])  # type: ignore[union-attr]
         last = ids[:, -1]
         index = NgramIndex(self.ngram, prompt) if self.uses_ngram else None
         out: list[int] = []
@@ -247,17 +255,20 @@ class SpeculativeGenerator:
         while len(out) < max_new_tokens and not finished:
             lookup = index.propose(K) if index is not None else []  # its first k tokens are propose(k)
             adapt = auto.get(kinds[0] if index is None or lookup else kinds[1])
-            drafts, q = self._propose(h_prev, last, lookup, adapt.k if adapt else K, g)
+            drafts, q = self._propose(ctx, lookup, adapt.k if adapt else K, g)
             base = cache.get_seq_length()  # position of `last`
             clock.lap("propose")
-            hs = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), cache=cache,
-                         use_cache=True).last_hidden_state[0]  # [m+1, H]
-            logits = self.target.logits_from_hidden(hs)
+            passed = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), cache=cache, use_cache=True,
+                             **wide)
+            logits = self.target.logits_from_hidden(passed.last_hidden_state[0])  # [m+1, V]
             clock.lap("verify")
             j, new = self._greedy_round(logits, drafts) if self.temperature == 0 else self._round(logits, drafts, q, g)
             clock.lap("accept")
             crop_cache(cache, base + 1 + j)  # keep `last` and the accepted drafts
-            h_prev, last = hs[j][None], torch.tensor([new[-1]], device=dev)
+            last = torch.tensor([new[-1]], device=dev)
+            if ctx is not None:  # pairs at `last`'s old position and the accepted drafts' (the draft's own are gone)
+                self.draft.extend(ctx, select_features(passed, layers)[:, : j + 1],  # type: ignore[union-attr]
+                                  torch.tensor([new], device=dev))
             log.append((len(out), j))
             drafted.append(int(drafts.shape[0]))
             new = new[: max_new_tokens - len(out)]

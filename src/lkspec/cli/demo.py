@@ -56,7 +56,8 @@ def demo(
         "--scale", help="Multiply the training prompts and the evaluation prompts per benchmark (2 = twice the "
         "data and tighter CIs, roughly twice the time).")] = 1.0,
     arch: Annotated[str, typer.Option(
-        "--arch", help="mlp (MLP-Speculator, eta 3), medusa (MEDUSA, eta 10) or all (both).")] = "mlp",
+        "--arch", help="mlp (MLP-Speculator, eta 3), medusa (MEDUSA, eta 10), eagle3 (EAGLE-3, eta 3) or all "
+        "(mlp and medusa).")] = "mlp",
     all_archs: Annotated[bool, typer.Option("--all", help="Same as --arch all.")] = False,
     target: Annotated[str, typer.Option(
         "--target", help="Target model (default: the embedded SmolLM2-135M-Instruct).")] = "smollm2-135m-instruct",

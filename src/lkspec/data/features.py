@@ -6,6 +6,8 @@ with the frozen lm_head during training. A store is a directory:
     index.json                  format, target identity, dtype, hidden size, source, and the shard list
     shard-00000.safetensors     documents packed back to back:
         hidden      [Ntok, H]   storage dtype (bf16 / fp16 / fp32)
+        aux         [Ntok, A*H] the input states of the index's `aux_layers` (EAGLE-3's fused layers), same
+                                dtype; only in stores extracted with --aux-layers
         target_lse  [Ntok]      fp32 logsumexp of the target's full logits from the stored hidden (T = 1;
                                 optional: stores written before it lack it and train as before)
         input_ids   [Ntok]      int32
@@ -43,7 +45,7 @@ from lkspec.data.regenerate import META, load_tokens
 from lkspec.data.source import STORAGE_DTYPES, Doc, DocSource, ShardedDocs, storage_dtype
 from lkspec.errors import LkspecError
 from lkspec.io import disk_full_is_one_line, open_safetensors, read_json, save_tensors, write_json
-from lkspec.targets import Target, TargetIdentity
+from lkspec.targets import Target, TargetIdentity, check_aux_layers
 
 __all__ = [
     "DEFAULT_SHARD_TOKENS", "FORMAT", "INDEX", "STORAGE_DTYPES", "Doc", "DocSource", "FeatureStore", "FeatureWriter",
@@ -69,6 +71,9 @@ class FeatureOptions(StrictModel):
     max_tokens: int | None = Field(None, ge=1, description="Token budget: stop after about this many tokens (rows "
                                    "in dataset order).", **flag())
     online: bool = Field(False, description="compute hidden states on the fly instead of caching them on disk")
+    aux_layers: list[int] = Field(default_factory=list, description="Also store the input states of these target "
+                                  "layers (comma-separated hidden_states indices; EAGLE-3 reads three).",
+                                  **flag("--aux-layers"))
 
     def extract_kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude={"online"})
@@ -104,6 +109,7 @@ class FeatureStore(ShardedDocs):
                 loss_mask=t["loss_mask"][off[d] : off[d + 1]].bool(),
                 hidden=t["hidden"][off[d] : off[d + 1]],
                 target_lse=t["target_lse"][off[d] : off[d + 1]] if "target_lse" in t else None,
+                aux=t["aux"][off[d] : off[d + 1]] if "aux" in t else None,
             )
             for d in range(len(off) - 1)
         ]
@@ -122,7 +128,7 @@ class FeatureWriter:
     """Append-only writer; reopening an existing directory resumes it (after checking it matches)."""
 
     def __init__(self, path: str | Path, identity: TargetIdentity, *, dtype: str = "bfloat16",
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, aux_layers: list[int] | None = None) -> None:
         self.path = Path(path)
         self.dtype = storage_dtype(dtype)
         if (self.path / INDEX).is_file():
@@ -133,6 +139,10 @@ class FeatureWriter:
                     f"{self.path} holds {store.index['dtype']} features, not {dtype}; pass --dtype "
                     f"{store.index['dtype']} to resume or choose a new output directory"
                 )
+            if store.aux_layers != list(aux_layers or []):
+                raise LkspecError(f"{self.path} holds features with aux layers {store.aux_layers}, not "
+                                  f"{list(aux_layers or [])}; pass --aux-layers {','.join(map(str, store.aux_layers))} "
+                                  f"to resume or choose a new output directory")
             self.index = store.index
             self._remove_orphans()
             self._drop_damaged()
@@ -143,6 +153,8 @@ class FeatureWriter:
             self.path.mkdir(parents=True, exist_ok=True)
             self.index = {"format": FORMAT, "target": identity.model_dump(), "dtype": dtype,
                           "hidden_size": identity.hidden_size, "meta": meta or {}, "shards": []}
+            if aux_layers:
+                self.index["aux_layers"] = list(aux_layers)
             write_json(self.path / INDEX, self.index)
 
     def _remove_orphans(self) -> None:
@@ -176,9 +188,13 @@ class FeatureWriter:
         if not docs:
             return
         H = self.index["hidden_size"]
+        A = len(self.index.get("aux_layers") or [])
         for d in docs:
             if d.hidden.shape != (len(d), H):
                 raise LkspecError(f"document {d.row}: hidden {tuple(d.hidden.shape)} is not [{len(d)}, {H}]")
+            if A and (d.aux is None or d.aux.shape != (len(d), A * H)):
+                raise LkspecError(f"document {d.row}: aux {None if d.aux is None else tuple(d.aux.shape)} is not "
+                                  f"[{len(d)}, {A * H}]")
         lengths = torch.tensor([len(d) for d in docs], dtype=torch.int64)
         tensors = {
             "hidden": torch.cat([d.hidden for d in docs]).to(self.dtype).cpu(),
@@ -187,6 +203,8 @@ class FeatureWriter:
             "doc_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
             "rows": torch.tensor([d.row for d in docs], dtype=torch.int64),
         }
+        if A:
+            tensors["aux"] = torch.cat([d.aux for d in docs]).to(self.dtype).cpu()  # type: ignore[misc]
         if all(d.target_lse is not None for d in docs):
             tensors["target_lse"] = torch.cat([d.target_lse.float().cpu() for d in docs])  # type: ignore[union-attr]
         used, n = {s["file"] for s in self.index["shards"]}, len(self.index["shards"])
@@ -218,6 +236,7 @@ def extract_features(
     batch_size: int = 8,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     max_tokens: int | None = None,
+    aux_layers: list[int] | None = None,
     progress: bool = True,
     on_shard_done: Callable[[int], None] | None = None,
 ) -> FeatureStore:
@@ -225,6 +244,8 @@ def extract_features(
     tokens_dir, out = Path(tokens_dir), Path(out)
     ds, meta = load_tokens(tokens_dir, target.identity)
     storage_dtype(dtype)
+    aux_layers = list(aux_layers or [])
+    check_aux_layers(aux_layers, target.config)
     source = tokens_source(tokens_dir, meta)
     extract = {"batch_size": batch_size, "shard_tokens": shard_tokens, "max_tokens": max_tokens}
     if (out / INDEX).is_file():
@@ -232,17 +253,20 @@ def extract_features(
         if old is not None and old != source["key"]:
             raise LkspecError(f"{out} holds features of another tokens dataset (key {old} != {source['key']}); "
                               f"choose a new output directory")
-    writer = FeatureWriter(out, target.identity, dtype=dtype, meta={**source, "extract": extract})
+    writer = FeatureWriter(out, target.identity, dtype=dtype, meta={**source, "extract": extract},
+                           aux_layers=aux_layers)
     writer.index["meta"]["extract"] = extract
     lengths = row_lengths(ds)
     plan = plan_shards(lengths, batch_size=batch_size, shard_tokens=shard_tokens, max_tokens=max_tokens)
     done = writer.done_rows()
     total = sum(lengths[r] for sh in plan for b in sh for r in b)
     todo = total - sum(lengths[r] for sh in plan for b in sh for r in b if r in done)
-    need = estimate_bytes(todo, target.hidden_size, dtype)
+    need = estimate_bytes(todo, target.hidden_size, dtype, len(aux_layers))
     free = shutil.disk_usage(out).free
-    log.info("features: %d tokens to extract (%d done) x hidden %d x %s -> about %.2f GiB in %s (%.1f GiB free)",
-             todo, total - todo, target.hidden_size, dtype, need / 2**30, out, free / 2**30)
+    per_token = estimate_bytes(1, target.hidden_size, dtype, len(aux_layers))
+    log.info("features: %d tokens to extract (%d done) x %d bytes per token (hidden %d%s, %s) -> about %.2f GiB "
+             "in %s (%.1f GiB free)", todo, total - todo, per_token, target.hidden_size,
+             f" + aux layers {aux_layers}" if aux_layers else "", dtype, need / 2**30, out, free / 2**30)
     if need > free:
         log.warning("the estimate exceeds the free disk space; pass --max-tokens or free space "
                     "(completed shards survive a full disk, so a rerun resumes)")
@@ -258,7 +282,7 @@ def extract_features(
                 continue
             docs: list[Doc] = []
             for rows in batches:
-                docs.extend(forward_docs(target, ds, rows, writer.dtype))
+                docs.extend(forward_docs(target, ds, rows, writer.dtype, aux_layers))
                 bar.update(sum(lengths[r] for r in rows))
             n = len(writer.index["shards"])
             with disk_full_is_one_line(f"writing shard {n} to {out}",

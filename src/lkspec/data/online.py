@@ -16,7 +16,7 @@ from lkspec.data import DEFAULT_SHARD_TOKENS
 from lkspec.data.plan import forward_docs, plan_shards, row_lengths, tokens_source
 from lkspec.data.regenerate import load_tokens
 from lkspec.data.source import STORAGE_DTYPES, Doc, ShardedDocs, storage_dtype
-from lkspec.targets import Target
+from lkspec.targets import Target, check_aux_layers
 
 FORMAT = "lkspec-features-online/1"
 
@@ -29,18 +29,21 @@ class OnlineFeatures(ShardedDocs):
     """
 
     def __init__(self, target: Target, tokens_dir: str | Path, *, dtype: str | None = None, batch_size: int = 8,
-                 shard_tokens: int = DEFAULT_SHARD_TOKENS, max_tokens: int | None = None) -> None:
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS, max_tokens: int | None = None,
+                 aux_layers: list[int] | None = None) -> None:
         self.target = target
         self.path = Path(tokens_dir)
         self.ds, meta = load_tokens(self.path, target.identity)
         self._cast = storage_dtype(dtype) if dtype is not None else None
+        self._aux = list(aux_layers or [])
+        check_aux_layers(self._aux, target.config)
         lengths = row_lengths(self.ds)
         self.plan = plan_shards(lengths, batch_size=batch_size, shard_tokens=shard_tokens, max_tokens=max_tokens)
         loss = self._loss_counts(lengths)
         dtype_name = dtype or next((k for k, v in STORAGE_DTYPES.items() if v == target.dtype), str(target.dtype))
         self.index = {
             "format": FORMAT, "target": target.identity.model_dump(), "dtype": dtype_name,
-            "hidden_size": target.hidden_size,
+            "hidden_size": target.hidden_size, "aux_layers": self._aux,
             "meta": {**tokens_source(self.path, meta),
                      "extract": {"batch_size": batch_size, "shard_tokens": shard_tokens, "max_tokens": max_tokens,
                                  "online": True}},
@@ -61,7 +64,7 @@ class OnlineFeatures(ShardedDocs):
     def load_shard(self, i: int) -> list[Doc]:
         docs: list[Doc] = []
         for rows in self.plan[i]:
-            docs.extend(forward_docs(self.target, self.ds, rows, self._cast))
+            docs.extend(forward_docs(self.target, self.ds, rows, self._cast, self._aux))
         return docs
 
     def iter_doc_masks(self) -> Iterator[tuple[int, torch.Tensor]]:

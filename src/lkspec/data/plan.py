@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ def plan_shards(lengths: list[int], *, batch_size: int = 8, shard_tokens: int = 
     return [sh for sh in shards if sh]
 
 
-def forward_docs(target: Target, ds: Any, rows: list[int], dtype: torch.dtype | None = None) -> list[Doc]:
+def forward_docs(target: Target, ds: Any, rows: list[int], dtype: torch.dtype | None = None,
+                 aux_layers: Sequence[int] = ()) -> list[Doc]:
     """One right-padded teacher-forced pass; the mask keeps padding out of every real position."""
     batch = ds[rows]
     lengths = [len(ids) for ids in batch["input_ids"]]
@@ -64,13 +66,14 @@ def forward_docs(target: Target, ds: Any, rows: list[int], dtype: torch.dtype | 
     for i, seq in enumerate(batch["input_ids"]):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-    hidden = target.hidden_states(ids, mask)
+    hidden, aux = target.states(ids, mask, aux_layers)
     docs = []
     for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
         h = hidden[i, :n].to(dtype or hidden.dtype).clone()
         docs.append(Doc(row=r, input_ids=ids[i, :n].clone(),
                         loss_mask=torch.tensor(batch["loss_mask"][i], dtype=torch.bool), hidden=h,
-                        target_lse=full_logsumexp(target, h)))
+                        target_lse=full_logsumexp(target, h),
+                        aux=None if aux is None else aux[i, :n].to(dtype or aux.dtype).clone()))
     return docs
 
 
@@ -81,9 +84,10 @@ def full_logsumexp(target: Target, hidden: torch.Tensor, chunk: int = 1024) -> t
                       for s in range(0, hidden.shape[0], chunk)]) if hidden.shape[0] else torch.zeros(0)
 
 
-def estimate_bytes(num_tokens: int, hidden_size: int, dtype: str) -> int:
-    """Shard bytes: the hidden states dominate; ids (int32) and mask (bool) add 5 bytes per token."""
-    return num_tokens * (hidden_size * storage_dtype(dtype).itemsize + 5)
+def estimate_bytes(num_tokens: int, hidden_size: int, dtype: str, num_aux: int = 0) -> int:
+    """Shard bytes: the hidden states (and aux states, `num_aux` more of the same width) dominate; ids (int32),
+    mask (bool) and the teacher's logsumexp (fp32) add 9 bytes per token."""
+    return num_tokens * ((1 + num_aux) * hidden_size * storage_dtype(dtype).itemsize + 9)
 
 
 def tokens_source(tokens_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:

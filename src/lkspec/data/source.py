@@ -36,6 +36,9 @@ class Doc:
     # [L] fp32 logsumexp of the target's full logits (T = 1) from `hidden` as stored: lets a truncated draft's
     # training project only its kept rows of the lm_head
     target_lse: torch.Tensor | None = None
+    # [L, A*H] storage dtype: the input states of the index's `aux_layers` concatenated (what EAGLE-3 reads); None
+    # when the features carry only the final state
+    aux: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -108,6 +111,19 @@ class ShardedDocs:
     @property
     def dtype(self) -> torch.dtype:
         return storage_dtype(self.index["dtype"])
+
+    @property
+    def aux_layers(self) -> list[int]:
+        """The target layers whose input states each document carries as `aux` (empty: none)."""
+        return list(self.index.get("aux_layers") or [])
+
+    def check_aux_layers(self, layers: list[int] | tuple[int, ...], what: str) -> None:
+        """One line when the documents lack the aux states `what` reads."""
+        if list(layers) and list(layers) != self.aux_layers:
+            have = f"aux layers {self.aux_layers}" if self.aux_layers else "no aux layers"
+            raise LkspecError(f"{what} reads target layers {list(layers)} but the features in {self.path} carry "
+                              f"{have}; extract features with --aux-layers {','.join(map(str, layers))} "
+                              f"(or train online from the tokens dataset)")
 
     @property
     def meta(self) -> dict[str, Any]:

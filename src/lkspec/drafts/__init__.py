@@ -4,12 +4,13 @@
     draft = build_draft("mlp_speculator", hidden_size=576, vocab_size=49152, inner_dim=256, seed=0)
 
 Modules, lowest first: `base` (the alignment contract, `propose`, `save`, the registry), `vllm_names`
-(vLLM 0.32's names for draft files), `medusa` / `mlp_speculator` (one architecture each), `checkpoint`
-(`read_checkpoint` / `load_draft`: lkspec, lkspec-export, vLLM, fms and FasterDecoding layouts). This
-package imports nothing from the stages above it (train, evaluate, export).
+(vLLM's names for draft files), `medusa` / `mlp_speculator` / `eagle3` (one architecture each),
+`outside_layouts` (how other tools' layouts map onto them), `checkpoint` (`read_checkpoint` /
+`load_draft`: lkspec, lkspec-export, vLLM, speculators, fms and FasterDecoding layouts). This package
+imports nothing from the stages above it (train, evaluate, export).
 """
 
-from lkspec.drafts import medusa, mlp_speculator  # noqa: F401  (register the architectures)
+from lkspec.drafts import eagle3, medusa, mlp_speculator  # noqa: F401  (register the architectures)
 from lkspec.drafts.base import (
     DRAFTS,
     Draft,
@@ -21,6 +22,7 @@ from lkspec.drafts.base import (
     register,
 )
 from lkspec.drafts.checkpoint import Checkpoint, load_draft, read_checkpoint, read_draft_config
+from lkspec.drafts.eagle3 import Eagle3, Eagle3Config
 from lkspec.drafts.medusa import Medusa, MedusaConfig
 from lkspec.drafts.mlp_speculator import MLPSpeculator, MLPSpeculatorConfig
 
@@ -33,6 +35,8 @@ __all__ = [
     "Checkpoint",
     "Draft",
     "DraftConfig",
+    "Eagle3",
+    "Eagle3Config",
     "MLPSpeculator",
     "MLPSpeculatorConfig",
     "Medusa",

@@ -68,6 +68,14 @@ class DraftConfig(StrictModel):
 
 
 @dataclass
+class LocalContext:
+    """A local draft's context: the last target state [B, H] and the token after it [B]."""
+
+    hidden: Any = None
+    token: Any = None
+
+
+@dataclass
 class Proposal:
     """K drafted tokens per row and the distributions they were drawn from (after warping)."""
 
@@ -81,6 +89,7 @@ class Draft(torch.nn.Module, ABC):
     arch: ClassVar[str]
     config_cls: ClassVar[type[DraftConfig]]
     short: ClassVar[str]  # in run names: mlp-kl, medusa-lk_hybrid
+    title: ClassVar[str] = ""  # as papers and cards write it: MLP-Speculator, MEDUSA, EAGLE-3
     default_eta: ClassVar[float] = 3.0  # the paper's eta for its L^lambda (MEDUSA's alpha rises slower: 10)
 
     def __init__(self, config: DraftConfig) -> None:
@@ -125,30 +134,65 @@ class Draft(torch.nn.Module, ABC):
                 total += p.numel()
         return total
 
+    attends: ClassVar[bool] = False  # head_states reads other positions than its anchor's chain (needs `segments`)
+
     @abstractmethod
     def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Teacher-forced features for each head k: [B, T-k, D_k], before its vocabulary projection."""
+        """Teacher-forced features for each head k: [B, T-k, D_k], before its vocabulary projection. A draft that
+        `attends` also takes `segments` [B, T] (document ids of a packed row) and `first` (see `forward`)."""
 
     @abstractmethod
     def head_weight(self, k: int) -> torch.Tensor:
         """The vocabulary projection [N, D] of head k (1-based); logits = states @ weight.T (N = head_rows)."""
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Per-head logits over the target's vocabulary, head k (1-based) -> [B, T-k, V]; see the module
-        docstring for alignment (a truncated draft gives -inf outside its token map)."""
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, first: int = 0) -> list[torch.Tensor]:
+        """Per-head logits over the target's vocabulary, head k (1-based) -> [B, T-k-first, V] for anchors
+        first..T-k-1; see the module docstring for alignment (a truncated draft gives -inf outside its token
+        map). Positions before `first` are context only (they matter to a draft that attends)."""
         return [self.full_logits(s @ self.head_weight(k).T) for k, s in
-                enumerate(self.head_states(hidden, input_ids), 1)]
+                enumerate(self.head_states(hidden[:, first:], input_ids[:, first:]), 1)]
 
     @abstractmethod
     def _propose_logits(self, hidden: torch.Tensor, last_token: torch.Tensor, num_tokens: int,
                         pick: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft `num_tokens` tokens; `pick(logits)->(tokens, probs)` chooses each one."""
 
+    # ----- proposing: from a context that grows round by round ---------------------------------
+    aux_layers: tuple[int, ...] = ()
+    """The target layers this draft reads (HF `output_hidden_states` indices, concatenated); empty: the post-norm
+    final state, the one the lm_head reads."""
+
+    @property
+    def input_width(self) -> int:
+        """Features per token this draft reads: the hidden size, times the number of aux layers if it fuses them."""
+        return self.config.hidden_size * max(1, len(self.aux_layers))
+
+    def new_context(self, batch: int = 1) -> Any:
+        """What the draft keeps between rounds. A local draft (its proposal reads only the last target state)
+        keeps the last (state, token) pair; one that attends keeps a cache (`Eagle3Context`)."""
+        return LocalContext()
+
+    def extend(self, ctx: Any, features: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Append context pairs: the target's features at n new positions [B, n, F] and the token after each
+        [B, n] (the last pair's token is the one the next round starts from)."""
+        ctx.hidden, ctx.token = features[:, -1], next_tokens[:, -1]
+
+    def propose_chain(self, ctx: Any, num_tokens: int, pick: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft `num_tokens` tokens from the context; `pick(logits)->(tokens, probs)` chooses each one."""
+        return self._propose_logits(self._as_param_dtype(ctx.hidden), ctx.token.long(), num_tokens, pick)
+
     @torch.no_grad()
-    def propose(
+    def propose(self, hidden: torch.Tensor, last_token: torch.Tensor, **kw: Any) -> Proposal:
+        """Draft K tokens from the target's last hidden state [B, H] and the token it emitted [B] (a local
+        draft; see `propose_in` for the options)."""
+        ctx = LocalContext()
+        self.extend(ctx, hidden[:, None], last_token[:, None])
+        return self.propose_in(ctx, **kw)
+
+    @torch.no_grad()
+    def propose_in(
         self,
-        hidden: torch.Tensor,
-        last_token: torch.Tensor,
+        ctx: Any,
         *,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -157,7 +201,7 @@ class Draft(torch.nn.Module, ABC):
         generator: torch.Generator | None = None,
         prefix: Sequence[int] = (),
     ) -> Proposal:
-        """Draft K tokens from the target's last hidden state [B, H] and the token it emitted [B].
+        """Draft K tokens from a context (`new_context` + `extend`).
 
         At T > 0 each token is sampled from q (warped like the target's p); at T = 0 it is the argmax and
         q is one-hot. `prefix` forces the first tokens (q one-hot on them), e.g. an n-gram match that the
@@ -185,7 +229,7 @@ class Draft(torch.nn.Module, ABC):
             full = probs.new_zeros((*probs.shape[:-1], self.config.vocab_size))
             return self.token_map[tokens], full.index_copy_(-1, self.token_map, probs)
 
-        tokens, probs = self._propose_logits(self._as_param_dtype(hidden), last_token.long(), k, pick)
+        tokens, probs = self.propose_chain(ctx, k, pick)
         return Proposal(tokens=tokens, probs=probs)
 
     def _as_param_dtype(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +241,15 @@ class Draft(torch.nn.Module, ABC):
         """Copy the target's token tables into this draft and fit its state maps on `docs()` (may be
         called more than once: each call yields the training documents again)."""
         raise LkspecError(f"{self.arch} has no target initialisation; use draft.init=random")
+
+    def adopt_target(self, tensors: Callable[[], TargetTensors]) -> None:
+        """Copy what this architecture always takes from the target (EAGLE-3: the frozen token embedding);
+        `tensors` is called only by an architecture that needs them."""
+
+    @classmethod
+    def target_config_defaults(cls, target_config: Any) -> dict[str, Any]:
+        """Config options taken from the target's HF config unless the user set them (EAGLE-3's layer shapes)."""
+        return {}
 
     @classmethod
     def target_init_defaults(cls, hidden_size: int) -> dict[str, Any]:
@@ -213,8 +266,14 @@ class Draft(torch.nn.Module, ABC):
         """config.json keys in the layout vLLM's loader for this architecture reads."""
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every stage's tensors under vLLM's names (tied weights appear once per stage)."""
+        """Every stage's tensors under lkspec's names (tied weights appear once per stage): what a checkpoint
+        in any layout is read into."""
         return dict(self.state_dict(keep_vars=False))
+
+    def served_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the served layout under vLLM's names (the same as lkspec's unless an architecture
+        stores something differently there, e.g. EAGLE-3's d2t/t2d for the token map)."""
+        return self.export_state_dict()
 
     # ----- checkpoints -----------------------------------------------------------------------
     def save(self, path: str | Path, *, target: TargetIdentity | None = None,

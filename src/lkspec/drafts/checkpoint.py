@@ -33,14 +33,8 @@ import torch
 
 from lkspec.config import parse
 from lkspec.drafts.base import CONFIG_FILE, WEIGHTS_FILE, Draft, DraftConfig, check_draft_target, draft_class
-from lkspec.drafts.vllm_names import (
-    ARCTIC_MLP_ARCH,
-    MEDUSA_ARCH,
-    MLP_ARCH,
-    medusa_renamed_keys,
-    remap_medusa_key,
-    tied_source,
-)
+from lkspec.drafts.outside_layouts import PLANS, Plan, arch_of
+from lkspec.drafts.vllm_names import tied_source
 from lkspec.errors import LkspecError
 from lkspec.io import open_safetensors, read_json, tensor_aliases
 from lkspec.targets import TargetIdentity
@@ -110,146 +104,6 @@ def _scan(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return out
 
 
-def _arch_of(raw: dict[str, Any], d: Path) -> str:
-    model_type = raw.get("model_type")
-    archs = raw.get("architectures") or []
-    archs = [archs] if isinstance(archs, str) else list(archs)
-    if model_type == "mlp_speculator" or {MLP_ARCH, ARCTIC_MLP_ARCH} & set(archs):
-        return "mlp_speculator"
-    if model_type == "medusa" or MEDUSA_ARCH in archs or any("medusa" in k for k in raw):
-        return "medusa"
-    raise LkspecError(
-        f"{d}/{CONFIG_FILE} is not a draft lkspec can read (model_type {model_type!r}, architectures {archs}); "
-        f"expected an MLP-Speculator or MEDUSA checkpoint (lkspec, vLLM, IBM fms or FasterDecoding layout)"
-    )
-
-
-def _need(raw: dict[str, Any], key: str, d: Path) -> Any:
-    if key not in raw:
-        raise LkspecError(f"{d}/{CONFIG_FILE} lacks {key!r}; add it (see docs/export.md for the layout)")
-    return raw[key]
-
-
-@dataclass
-class _Plan:
-    """How to build each lkspec tensor: from which file/key, times which scale (or as a tied alias)."""
-
-    arch: str
-    config: dict[str, Any]
-    sources: dict[str, tuple[Path, str]]  # lkspec name -> (file, original key)
-    aliases: dict[str, str] = field(default_factory=dict)  # lkspec name -> lkspec name it copies
-    scale: dict[str, float] = field(default_factory=dict)
-    unknown: list[str] = field(default_factory=list)  # original keys with no place
-    layout: str = "vllm"
-    notes: list[str] = field(default_factory=list)
-
-
-def _plan_mlp(raw: dict[str, Any], scan: dict[str, tuple[Path, tuple[int, ...]]], d: Path) -> _Plan:
-    sources = {k.replace("speculator.", ""): (f, k) for k, (f, _) in scan.items()}
-    layout = "fms" if any(k.startswith("speculator.") for k in scan) else "vllm"
-    K = int(_need(raw, "n_predict", d))
-    cfg = {
-        "arch": "mlp_speculator",
-        "hidden_size": int(_need(raw, "emb_dim", d)),
-        "vocab_size": int(_need(raw, "vocab_size", d)),
-        "num_heads": K,
-        "inner_dim": int(raw.get("inner_dim") or 0),
-        "tie_weights": bool(raw.get("tie_weights", False)),
-        "scale_input": bool(raw.get("scale_input", False)),
-    }
-    plan = _Plan("mlp_speculator", cfg, sources, layout=layout)
-    if cfg["tie_weights"]:
-        # fms ties emb/head/ln across stages and proj[2:] to proj[1]; tied files may store those once
-        expanded = []
-        for i in range(1, K):
-            for name in (f"emb.{i}.weight", f"head.{i}.weight", f"ln.{i}.weight", f"ln.{i}.bias", f"proj.{i}.weight"):
-                src = tied_source(name)
-                if src is not None and name not in sources and src in sources:
-                    plan.aliases[name] = src
-                    expanded.append(name)
-        if expanded:
-            plan.notes.append(f"tied checkpoint: expanded {len(expanded)} shared tensors to every stage")
-    return plan
-
-
-def _plan_medusa(raw: dict[str, Any], scan: dict[str, tuple[Path, tuple[int, ...]]], d: Path) -> _Plan:
-    view = dict(raw)
-    for new, olds in medusa_renamed_keys(raw).items():
-        values = {repr(raw[k]) for k in olds}
-        if len(values) > 1:
-            raise LkspecError(
-                f"{d}/{CONFIG_FILE} has {olds} with different values; vLLM's MedusaConfig renames all of them to "
-                f"{new} (the last one wins), so remove the ones that are not the Medusa {new}"
-            )
-        for k in olds:
-            view[new] = view.pop(k)
-    if (view.get("truncated_vocab_size") not in (None, view.get("vocab_size"))) or any(
-        k.endswith("token_map") for k in scan
-    ):
-        raise LkspecError(f"{d} uses a truncated draft vocabulary (token_map); lkspec drafts predict the full "
-                          f"target vocabulary, so retrain or drop the token map")
-    original_lm_head = bool(view.get("original_lm_head", False))
-    sources: dict[str, tuple[Path, str]] = {}
-    fasterdecoding = False
-    lm_layer: dict[str, int] = {}
-    for k, (f, _) in scan.items():
-        name = k.replace("medusa_heads.", "")
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
-            fasterdecoding = True
-            if "linear" not in parts[2:]:
-                lm_layer[k] = int(parts[1])
-        name = remap_medusa_key(name)
-        if original_lm_head and name in ("lm_head.weight", "lm_heads.0.weight"):
-            name = "lm_head.weight"
-        if name in sources:
-            raise LkspecError(f"{d}: tensors {sources[name][1]!r} and {k!r} both map to {name}; keep one")
-        sources[name] = (f, k)
-    heads = {int(n.split(".")[1]) for n in sources if n.startswith(("blocks.", "lm_heads.")) and
-             n.split(".")[1].isdigit()}
-    n_heads = max(heads) + 1 if heads else int(view.get("num_heads", 0))
-    if "num_heads" in view and int(view["num_heads"]) != n_heads:
-        log.warning("%s: config says %s heads but the weights hold %d; using the weights' %d "
-                    "(FasterDecoding configs are known to misstate it)", d, view["num_heads"], n_heads, n_heads)
-    layers = int(view.get("num_hidden_layers", 1))
-    bad_lm = sorted(k for k, layer in lm_layer.items() if layer != layers)
-    if bad_lm:
-        raise LkspecError(f"{d}: FasterDecoding lm-head keys {_short(bad_lm)} do not sit at index "
-                          f"num_layers={layers}; fix medusa_num_layers in config.json")
-    has_bias = any(n.startswith("blocks.") and n.endswith(".bias") for n in sources)
-    notes = []
-    if "medusa_fc_bias" in raw:
-        bias = bool(raw["medusa_fc_bias"])
-    else:
-        bias = has_bias
-        if has_bias:
-            notes.append("blocks have biases but config.json has no medusa_fc_bias (vLLM would drop them); "
-                         "kept them; re-export with lkspec to serve them")
-    hidden = view.get("hidden_size")
-    vocab = view.get("vocab_size")
-    w0 = next((scan[src[1]][1] for n, src in sources.items() if n.startswith("blocks.") and n.endswith("weight")),
-              None)
-    h0 = next((scan[src[1]][1] for n, src in sources.items() if n.startswith(("lm_heads.", "lm_head."))), None)
-    if hidden is None:
-        hidden = w0[1] if w0 else (h0[1] if h0 else None)
-    if vocab is None and h0 is not None:
-        vocab = h0[0]
-    if hidden is None or vocab is None:
-        raise LkspecError(f"{d}: cannot tell hidden_size / vocab_size (no config keys, no head tensors)")
-    cfg = {"arch": "medusa", "hidden_size": int(hidden), "vocab_size": int(vocab), "num_heads": n_heads,
-           "num_layers": layers, "bias": bias}
-    plan = _Plan("medusa", cfg, sources, layout="fasterdecoding" if fasterdecoding else "vllm", notes=notes)
-    if original_lm_head and "lm_head.weight" in sources:
-        for h in range(n_heads):
-            plan.aliases[f"lm_heads.{h}.weight"] = "lm_head.weight"
-        plan.notes.append("original_lm_head: one shared lm_head expanded to every head")
-    scale = float(view.get("logit_scale", 1.0) or 1.0)
-    if scale != 1.0:
-        plan.scale = {f"lm_heads.{h}.weight": scale for h in range(n_heads)}
-        plan.notes.append(f"logit_scale {scale} folded into the lm_heads")
-    return plan
-
-
 def expected_names(config: DraftConfig) -> set[str]:
     """Every tensor name lkspec's draft of this config saves. Names depend on structure, not widths, so a
     1-wide twin answers it without allocating the real vocabulary matrices."""
@@ -289,17 +143,20 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
         config = parse(cls.config_cls, meta["config"], f"draft config in {d}/{CONFIG_FILE}")
         files = weight_files(d, only=WEIGHTS_FILE) if weights else []
         scan = _scan(files)
-        plan = _Plan(config.arch, config.model_dump(), {k: (f, k) for k, (f, _) in scan.items()}, layout="lkspec")
+        plan = Plan(config.arch, config.model_dump(), {k: (f, k) for k, (f, _) in scan.items()}, layout="lkspec")
         for f in files:  # tied tensors stored once (Draft.save): read through their aliases
             plan.aliases.update({k: v for k, v in tensor_aliases(f).items() if v in plan.sources})
         target = meta.get("target")
     else:
-        arch = _arch_of(raw, d)
+        arch = arch_of(raw, d)
         prov = read_json(d / PROVENANCE_FILE) if (d / PROVENANCE_FILE).is_file() else None
         scan = _scan(weight_files(d, only=WEIGHTS_FILE if prov else None))
-        plan = _plan_mlp(raw, scan, d) if arch == "mlp_speculator" else _plan_medusa(raw, scan, d)
+        plan = PLANS[arch](raw, scan, d)
         if prov:
             plan.layout = "lkspec-export"
+            if arch == "eagle3":  # the layout has no K; the export recorded it
+                plan.config["num_heads"] = int(prov.get("export", {}).get("num_speculative_tokens") or
+                                               plan.config["num_heads"])
         cls = draft_class(arch)
         config = parse(cls.config_cls, plan.config, f"draft config derived from {d}/{CONFIG_FILE}")
         target = (prov or {}).get("target")
@@ -311,7 +168,8 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
     have = set(plan.sources) | set(plan.aliases)
     missing = sorted(expected - have)
     shared = set(plan.aliases.values())  # e.g. original_lm_head's lm_head.weight: used through its aliases
-    unknown = sorted(plan.sources[n][1] for n in set(plan.sources) - expected - shared)
+    unknown = sorted(plan.sources[n][1] for n in set(plan.sources) - expected - shared
+                     if plan.sources[n][1] not in plan.skip)
     if missing or unknown:
         hint = ""
         if unknown and all(k.endswith(".bias") for k in unknown) and config.arch == "medusa":
@@ -333,6 +191,8 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
                 loaded[src] = s.get_tensor(plan.sources[src][1])
     tensors = {name: loaded[src] * plan.scale[name] if name in plan.scale else loaded[src]
                for name, src in origin.items()}
+    for name in plan.offset:
+        tensors[name] = torch.arange(tensors[name].numel()) + tensors[name].long()
     if config.arch == "mlp_speculator" and getattr(config, "tie_weights", False):
         for name in sorted(tensors):
             src = tied_source(name)

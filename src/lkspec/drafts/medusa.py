@@ -59,6 +59,7 @@ class Medusa(Draft):
     arch = "medusa"
     config_cls = MedusaConfig
     short = "medusa"
+    title = "MEDUSA"
     default_eta = 10.0
     config: MedusaConfig
 

@@ -69,6 +69,7 @@ class MLPSpeculator(Draft):
     arch = "mlp_speculator"
     config_cls = MLPSpeculatorConfig
     short = "mlp"
+    title = "MLP-Speculator"
     default_eta = 3.0
     config: MLPSpeculatorConfig
 

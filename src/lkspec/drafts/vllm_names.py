@@ -15,6 +15,27 @@ from typing import Any
 MLP_ARCH = "MLPSpeculatorPreTrainedModel"
 ARCTIC_MLP_ARCH = "ArcticMLPSpeculatorPreTrainedModel"
 MEDUSA_ARCH = "MedusaModel"
+EAGLE3_ARCH = "LlamaForCausalLMEagle3"  # the authors' native layout (vLLM's Eagle3LlamaForCausalLM)
+SPECULATORS_ARCH = "Eagle3Speculator"  # vllm-project/speculators' layout of the same draft
+
+
+def is_eagle3(cfg: Mapping[str, Any]) -> bool:
+    archs = cfg.get("architectures") or []
+    archs = [archs] if isinstance(archs, str) else archs
+    return cfg.get("speculators_model_type") == "eagle3" or bool({SPECULATORS_ARCH, EAGLE3_ARCH} & set(archs))
+
+
+def eagle3_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """An EAGLE-3 config as vLLM's Eagle3LlamaForCausalLM sees it: the speculators format's
+    transformer_layer_config with the Eagle3 keys on top (vLLM's converter), or a native config as is."""
+    view = {**cfg.get("transformer_layer_config", {}), **cfg} if SPECULATORS_ARCH in (cfg.get("architectures") or []) \
+        else dict(cfg)
+    ids = view.get("eagle_aux_hidden_state_layer_ids") or (view.get("eagle_config") or {}).get(
+        "eagle_aux_hidden_state_layer_ids")
+    view["aux_layer_ids"] = list(ids or [])
+    return view
+
+
 
 
 def medusa_renamed_keys(cfg: Mapping[str, Any]) -> dict[str, list[str]]:

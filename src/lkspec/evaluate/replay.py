@@ -124,8 +124,10 @@ def draft_traces(
 
     Works through the anchors `chunk` at a time so no [K, n, V] tensor is ever held (K·n·V floats is
     300 MB for K = 6, n = 256 and a 49k vocabulary). Uses only the `draft(hidden, ids)` contract, so any
-    Draft (also a test's oracle) can be replayed. With `ngram`, the n-gram lookup's proposals along the
-    sample are scored too (q one-hot on each proposed token; see lkspec.proposers).
+    Draft (also a test's oracle) can be replayed; a draft that reads aux states (EAGLE-3) gets them
+    from one extra target pass over the sample and sees the whole prefix (`first`: the chunk's anchors).
+    With `ngram`, the n-gram lookup's proposals along the sample are scored too (q one-hot on each
+    proposed token; see lkspec.proposers).
     """
     n, K = sample.n, num_heads
     dev = target.device
@@ -147,6 +149,16 @@ def draft_traces(
                 props[: len(prop), b] = torch.tensor(prop, device=dev)
         ngram_s = time.perf_counter() - t0
     ng = {name: np.zeros((K, n)) for name in FIELDS}
+    aux: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def aux_states(layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample's aux states at positions 0 .. P+n-2 from one teacher-forced pass (the sample cache keeps
+        only the final states from the response on), and the token ids at the same positions."""
+        if layers not in aux:
+            full = sample.ids[: sample.prompt_len + n - 1].to(dev)
+            aux[layers] = (target.states(full[None], None, layers)[1][0], full)  # type: ignore[index]
+        return aux[layers]
+
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         hi = min(e + K, n + 1)
@@ -156,7 +168,12 @@ def draft_traces(
         heads = []
         for di, draft in enumerate(drafts):
             t0 = time.perf_counter()
-            heads.append(draft(hidden[None, s:hi], ids[None, s:hi]))
+            if draft.aux_layers:  # it reads aux states and attends: the whole prefix, anchors from s on
+                feats, full = aux_states(draft.aux_layers)
+                o = sample.prompt_len - 2  # hidden row r is position o + r
+                heads.append(draft(feats[None, : o + hi], full[None, : o + hi], first=o + s))
+            else:
+                heads.append(draft(hidden[None, s:hi], ids[None, s:hi]))
             seconds[di] += time.perf_counter() - t0
         for k in range(1, K + 1):  # p and y at the positions head k is tested on, shared by every proposer
             c = min(e, n - k + 1) - s

@@ -19,7 +19,7 @@ from typing import Any
 
 import lkspec
 from lkspec.data.benchmarks import BENCHMARKS
-from lkspec.drafts import Draft, Medusa, MLPSpeculator
+from lkspec.drafts import Draft, Eagle3, Medusa, MLPSpeculator
 from lkspec.drafts.checkpoint import EXPORT_FORMAT
 from lkspec.errors import LkspecError
 from lkspec.export.card_facts import (
@@ -165,6 +165,10 @@ def _architecture(draft: Draft) -> str:
     if isinstance(draft, Medusa):
         return (f"MEDUSA, {c.num_heads} heads × {c.num_layers} residual layer(s) of width {c.hidden_size}, "
                 f"{'with' if c.bias else 'no'} biases, one lm_head per head")
+    if isinstance(draft, Eagle3):
+        return (f"EAGLE-3, one decoder layer (hidden {c.hidden_size}, {c.num_attention_heads} heads / "
+                f"{c.num_key_value_heads} KV heads, MLP {c.intermediate_size}) over target layers {c.aux_layers}, "
+                f"{c.head_rows}-token head, trained with {c.num_heads} training-time-test steps")
     return draft.arch
 
 
@@ -183,7 +187,12 @@ def _spec(method: str, model_id: str, n: int) -> str:
 
 
 def usage(arch: str, fmt: str, base: str, model_id: str, n: int) -> str:
-    if arch == "medusa":
+    if arch == "eagle3":
+        intro = ("vLLM ≥ 0.10 (EAGLE-3 is what current vLLM serves; drafts are argmax at T > 0; name the method, "
+                 "vLLM guesses it from the path otherwise). SGLang serves the native layout with "
+                 "`--speculative-algorithm EAGLE3`:")
+        install, method, env = 'pip install "vllm>=0.10"', "eagle3", ""
+    elif arch == "medusa":
         intro = "vLLM 0.10 – 0.32 (0.32.0 is the last release with MEDUSA; drafts are argmax at T > 0):"
         install, method, env = 'pip install "vllm>=0.10,<0.33"', "medusa", ""
     elif fmt == "arctic":
@@ -206,7 +215,7 @@ def model_card(*, draft: Draft, fmt: str, dtype: str, base_model: str, model_id:
                eval_meta: dict[str, Any] | None, source_heads: int, commit: str | None,
                source_config: dict[str, Any] | None = None, eval_label: str | None = None) -> str:
     """README.md in the reference cards' shape; `model-index` metadata from the eval rows (huggingface_hub)."""
-    arch_name = "MLP-Speculator" if draft.arch == "mlp_speculator" else "MEDUSA"
+    arch_name = draft.title
     n = draft.num_heads
     lic_id, lic_text = license_note(base_model)
     train = meta.get("train") or {}

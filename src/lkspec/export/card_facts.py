@@ -53,6 +53,12 @@ BIBTEX_ARCH = {
   eprint    = {2401.10774},
   archivePrefix = {arXiv}
 }""",
+    "eagle3": """@article{li2025eagle3,
+  title   = {EAGLE-3: Scaling up Inference Acceleration of Large Language Models via Training-Time Test},
+  author  = {Li, Yuhui and Wei, Fangyun and Zhang, Chao and Zhang, Hongyang},
+  journal = {arXiv preprint arXiv:2503.01840},
+  year    = {2025}
+}""",
 }
 
 

@@ -89,7 +89,7 @@ def head_logits_gap(a: Draft, b: Draft, seed: int = 0, columns: torch.Tensor | N
     `columns` when given (a token-map draft against its full-vocabulary twin: the kept tokens)."""
     g = torch.Generator().manual_seed(seed)
     T = a.num_heads + 4
-    hidden = torch.randn(2, T, a.config.hidden_size, generator=g)
+    hidden = torch.randn(2, T, a.input_width, generator=g)
     ids = torch.randint(0, a.config.vocab_size, (2, T), generator=g)
     worst = scale = 0.0
     with torch.no_grad():
@@ -189,10 +189,11 @@ def export_draft(
             (tmp / README_FILE).write_text(card)
             # the export must load back through the importer as the same draft: same config, every tensor the
             # rounded one we wrote (so every head's logits are those of the weights rounded to --dtype)
+            write_json(tmp / PROVENANCE_FILE, prov)  # the reader takes what the layout cannot say (EAGLE-3's K) from it
             log.info("checking that the export reloads as the same draft (every tensor, every head's logits)")
             back = load_draft(tmp)
-            reloaded = back.state_dict()
-            differ = [k for k, t in tensors.items() if not torch.equal(reloaded[k], t.to(reloaded[k].dtype))]
+            _, reloaded = served_layout(back, fmt=fmt, dtype=torch_dtype, base_model=base, base_model_archs=archs)
+            differ = [k for k, t in tensors.items() if k not in reloaded or not torch.equal(reloaded[k], t)]
             if back.config != exported.config or differ:
                 raise LkspecError(f"internal error: the export does not reload as written ({differ[:3]}); "
                                   f"please report it")

@@ -27,7 +27,8 @@ OFF_MAP_LOGIT = -30000.0  # logit of a token outside a truncated draft's map in 
 CONSTANT_CHANNEL = 8.0  # LN bias of the spare channel; GELU(8) = 8 to float precision
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FORMATS = ("vllm", "arctic")
+FORMATS = ("vllm", "arctic", "speculators")
+SPECULATORS_VERSION = "0.3.0"  # the speculators release whose Eagle3 config schema this writes
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -117,8 +118,14 @@ def layout(draft: Draft, *, fmt: str = "vllm", dtype: torch.dtype = torch.bfloat
     if isinstance(draft, MLPSpeculator) and draft.config.truncated:
         raise LkspecError("vLLM's MLPSpeculator layout has no token map; export the full-vocabulary twin "
                           "(lkspec.export.layouts.full_vocab_mlp, which `lkspec export` applies itself)")
+    if fmt == "speculators" and draft.arch != "eagle3":
+        raise LkspecError(f"--format speculators is the EAGLE-3 layout of vllm-project/speculators; export a "
+                          f"{draft.arch} draft with --format vllm")
+    served = draft.served_tensors()
+    if fmt == "speculators":
+        served = {k.replace("midlayer.", "layers.0.", 1): v for k, v in served.items()}
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in draft.export_state_dict().items():
+    for name, t in served.items():
         t = t.detach().cpu()
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise LkspecError(f"draft tensor {name} has non-finite values; refusing to export a broken draft "
@@ -128,7 +135,7 @@ def layout(draft: Draft, *, fmt: str = "vllm", dtype: torch.dtype = torch.bfloat
             raise LkspecError(f"draft tensor {name} overflows {str(dtype).removeprefix('torch.')} "
                               f"(max |w| = {t.abs().max().item():.3g}); export with --dtype bf16 or fp32")
         tensors[name] = cast.contiguous()
-    cfg = draft.vllm_config()
+    cfg = speculators_config(draft, base_model, base_model_archs) if fmt == "speculators" else draft.vllm_config()
     if fmt == "arctic":
         if not isinstance(draft, MLPSpeculator):
             raise LkspecError("--format arctic is the ArcticInference layout for MLP-Speculator drafts; "
@@ -139,6 +146,30 @@ def layout(draft: Draft, *, fmt: str = "vllm", dtype: torch.dtype = torch.bfloat
         cfg["architectures"] = [ARCTIC_MLP_ARCH]
         cfg["base_model_archs"] = list(base_model_archs)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    if base_model:
+    if base_model and fmt != "speculators":
         cfg["base_model_name_or_path"] = base_model
     return cfg, tensors
+
+
+def speculators_config(draft: Draft, base_model: str | None, base_model_archs: list[str] | None) -> dict[str, Any]:
+    """vllm-project/speculators' Eagle3SpeculatorConfig. No top-level model_type: that is how vLLM tells the
+    format apart (its converter builds the Llama config from transformer_layer_config); norm_before_residual is
+    written because vLLM and speculators default it differently."""
+    c = draft.config
+    return {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": SPECULATORS_VERSION,
+        "draft_vocab_size": c.head_rows,
+        "norm_before_residual": False,
+        "target_hidden_size": None,
+        "eagle_aux_hidden_state_layer_ids": list(getattr(c, "aux_layers", [])),
+        "transformer_layer_config": draft.layer_config(),  # type: ignore[attr-defined]
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.num_heads, "verifier_accept_k": 1,
+                                  "accept_tolerance": 0.0}],
+            "verifier": {"name_or_path": base_model, "architectures": list(base_model_archs or [])},
+        },
+    }

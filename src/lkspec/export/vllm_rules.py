@@ -27,8 +27,12 @@ import torch
 
 from lkspec.drafts.vllm_names import (  # noqa: F401  (the arch names are re-exported for older imports)
     ARCTIC_MLP_ARCH,
+    EAGLE3_ARCH,
     MEDUSA_ARCH,
     MLP_ARCH,
+    SPECULATORS_ARCH,
+    eagle3_view,
+    is_eagle3,
     medusa_renamed_keys,
     remap_medusa_key,
     tied_source,
@@ -68,10 +72,35 @@ def mlp_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def method_of(cfg: Mapping[str, Any]) -> str:
+    if is_eagle3(cfg):
+        return "eagle3"
     model_type = cfg.get("model_type")
     if model_type in ("mlp_speculator", "medusa"):
         return str(model_type)
     raise LkspecError(f"config.json has model_type {model_type!r}; vLLM needs 'mlp_speculator' or 'medusa'")
+
+
+def eagle3_parameters(cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The checkpoint names (before vLLM stacks q/k/v and gate/up) vLLM's Eagle3LlamaForCausalLM loads, with
+    shapes (vLLM 0.32 `llama_eagle3.py`: `midlayer.` is read as `layers.0.`; d2t exists only for a head smaller
+    than the vocabulary; embed_tokens is loaded when present, else the target's is shared)."""
+    v = eagle3_view(cfg)
+    H, V, nh = int(v["hidden_size"]), int(v["vocab_size"]), int(v["num_attention_heads"])
+    nkv, d = int(v.get("num_key_value_heads") or nh), int(v.get("head_dim") or H // nh)
+    inner, N = int(v["intermediate_size"]), int(v.get("draft_vocab_size") or V)
+    A = int(v.get("num_aux_hidden_states") or len(v["aux_layer_ids"]) or 3)
+    L = "layers.0."
+    params: dict[str, tuple[int, ...]] = {
+        "fc.weight": (H, A * H), "embed_tokens.weight": (V, H), "norm.weight": (H,), "lm_head.weight": (N, H),
+        f"{L}self_attn.q_proj.weight": (nh * d, 2 * H), f"{L}self_attn.k_proj.weight": (nkv * d, 2 * H),
+        f"{L}self_attn.v_proj.weight": (nkv * d, 2 * H), f"{L}self_attn.o_proj.weight": (H, nh * d),
+        f"{L}mlp.gate_proj.weight": (inner, H), f"{L}mlp.up_proj.weight": (inner, H),
+        f"{L}mlp.down_proj.weight": (H, inner),
+        **{f"{L}{n}.weight": (H,) for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")},
+    }
+    if N != V:
+        params["d2t"] = (N,)
+    return params
 
 
 def vllm_parameters(cfg: Mapping[str, Any], num_speculative_tokens: int | None = None) -> dict[str, tuple[int, ...]]:
@@ -81,6 +110,8 @@ def vllm_parameters(cfg: Mapping[str, Any], num_speculative_tokens: int | None =
     exist, whatever n_predict / num_heads the config says.
     """
     method = method_of(cfg)
+    if method == "eagle3":
+        return eagle3_parameters(cfg)
     if method == "mlp_speculator":
         v = mlp_view(cfg)
         n = num_speculative_tokens or v["n_predict"]
@@ -126,6 +157,8 @@ def vllm_param_name(method: str, name: str, cfg: Mapping[str, Any]) -> str:
     """The name `load_weights` looks up for a checkpoint tensor."""
     if method == "mlp_speculator":
         return name.replace("speculator.", "")
+    if method == "eagle3":
+        return name.replace("midlayer.", "layers.0.", 1)
     mapped = remap_medusa_key(name.replace("medusa_heads.", ""))
     if medusa_view(cfg).get("original_lm_head", False) and mapped == "lm_heads.0.weight":
         return "lm_head.weight"
@@ -177,7 +210,7 @@ def check_servable(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
     if not (isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str)):
         raise LkspecError(f"architectures must be a one-element list (vLLM <= 0.9.2 reads architectures[0]), "
                           f"got {archs!r}")
-    if "vocab_size" not in cfg:
+    if "vocab_size" not in (eagle3_view(cfg) if method == "eagle3" else cfg):
         raise LkspecError("config.json lacks vocab_size; vLLM would fall back to its default; write the target's")
     if method == "medusa":
         for new, olds in medusa_renamed_keys(cfg).items():
@@ -189,7 +222,10 @@ def check_servable(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
             raise LkspecError("a MEDUSA config.json needs hidden_size, num_heads and num_hidden_layers")
         if "medusa_fc_bias" not in cfg:
             raise LkspecError("a MEDUSA config.json must say medusa_fc_bias (vLLM drops biases unless it is true)")
+    if method == "eagle3":
+        _check_eagle3(cfg, tensors)
     load = simulate_load(cfg, tensors)
+    load.ignored = [n for n in load.ignored if not (method == "eagle3" and n == "t2d")]  # vLLM skips t2d by design
     if load.bad_shapes:
         raise LkspecError(f"tensors with shapes vLLM's {method} would reject: {_short(load.bad_shapes)}")
     if load.missing:
@@ -204,3 +240,19 @@ def check_servable(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
         hint = "; set medusa_fc_bias true" if all(n.endswith(".bias") for n in silently_dropped) else ""
         raise LkspecError(f"vLLM's {method} would silently ignore tensors {_short(silently_dropped)}{hint}")
     return load
+
+
+def _check_eagle3(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    v = eagle3_view(cfg)
+    if SPECULATORS_ARCH in (cfg.get("architectures") or []) and "model_type" in cfg:
+        raise LkspecError("a speculators config.json must have no top-level model_type (vLLM reads the format "
+                          "from its absence); remove it")
+    for key in ("draft_vocab_size", "norm_before_residual", "hidden_size", "num_attention_heads", "intermediate_size"):
+        if key not in v:
+            raise LkspecError(f"an EAGLE-3 config.json must say {key} (vLLM's defaults differ from lkspec's); write it")
+    if len(v["aux_layer_ids"]) != int(v.get("num_aux_hidden_states") or len(v["aux_layer_ids"]) or 3) or \
+            not v["aux_layer_ids"]:
+        raise LkspecError("an EAGLE-3 config.json must name eagle_aux_hidden_state_layer_ids (else vLLM takes "
+                          "its own default layers, which need not be the ones the draft was trained on)")
+    if "d2t" in tensors and tensors["d2t"].dtype != torch.int64:
+        raise LkspecError(f"d2t must be int64 (vLLM adds it to the draft ids), got {tensors['d2t'].dtype}")

@@ -13,11 +13,13 @@ from lkspec.targets.model import (
     TargetIdentity,
     TargetTensors,
     cached_decoder,
+    check_aux_layers,
     crop_cache,
     default_device,
     default_dtype,
     load_target,
     project_hidden,
+    select_features,
     tokenizer_hash,
 )
 from lkspec.targets.resolve import (
@@ -48,6 +50,7 @@ __all__ = [
     "_gguf_to_hf_dir",
     "cache_dir",
     "cached_decoder",
+    "check_aux_layers",
     "clear_target_cache",
     "crop_cache",
     "default_device",
@@ -57,5 +60,6 @@ __all__ = [
     "load_target",
     "project_hidden",
     "resolve_target",
+    "select_features",
     "tokenizer_hash",
 ]

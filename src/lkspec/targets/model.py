@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -120,6 +120,23 @@ def cached_decoder(model: Any) -> Callable[..., Any]:
         return decoder(**kw, **{key: cache})
 
     return call
+
+
+def check_aux_layers(layers: Sequence[int], config: Any) -> None:
+    """A one-line error for layer indices the target does not have (0 is the embedding output, L the last layer's)."""
+    L = int(getattr(config, "num_hidden_layers", 0) or 0)
+    bad = [i for i in layers if not 0 <= i <= L]
+    if L and bad:
+        raise LkspecError(f"aux layers {bad} are outside the target's 0..{L} (its hidden_states indices); "
+                          f"choose layers in that range, e.g. {[2, L // 2, L - 3]}")
+
+
+def select_features(out: Any, aux_layers: Sequence[int]) -> torch.Tensor:
+    """A draft's input from a decoder output: the post-norm final state, or (with `aux_layers`, from a pass with
+    output_hidden_states) the input states of those layers concatenated, as vLLM captures them for EAGLE-3."""
+    if not aux_layers:
+        return out.last_hidden_state
+    return torch.cat([out.hidden_states[i] for i in aux_layers], -1)
 
 
 def crop_cache(cache: object, keep: int) -> None:
@@ -237,6 +254,19 @@ class Target:
             attention_mask = attention_mask.to(self.device)
         out = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
+
+    @torch.no_grad()
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               aux_layers: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(post-norm final states [B, T, H], the input states of `aux_layers` concatenated [B, T, A*H] or None):
+        what a draft that fuses several layers (EAGLE-3) reads beside what the teacher's lm_head reads."""
+        if not aux_layers:
+            return self.hidden_states(input_ids, attention_mask), None
+        check_aux_layers(aux_layers, self.config)
+        mask = None if attention_mask is None else attention_mask.to(self.device)
+        out = self.model.get_decoder()(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False,
+                                       output_hidden_states=True)
+        return out.last_hidden_state, select_features(out, aux_layers)
 
     def logits_from_hidden(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Target logits from cached hidden states through the frozen lm_head, in fp32 (only the vocabulary

@@ -169,6 +169,7 @@ class MicroBatch:
     doc_ids: torch.Tensor  # [1, T] int64, one id per window
     own: torch.Tensor  # [1, T] bool: anchors this row is responsible for
     target_lse: torch.Tensor | None = None  # [1, T] fp32 when every document carries it (data.source.Doc)
+    aux: torch.Tensor | None = None  # [1, T, A*H] when every document carries aux states (EAGLE-3's input)
 
     @property
     def num_tokens(self) -> int:
@@ -231,6 +232,7 @@ def pack(docs: list[Doc], num_heads: int, max_tokens: int) -> list[MicroBatch]:
 def _build(group: list[_Window]) -> MicroBatch:
     hidden, ids, mask, doc_ids, own = [], [], [], [], []
     lse = [w.doc.target_lse[w.start : w.end] for w in group if w.doc.target_lse is not None]
+    aux = [w.doc.aux[w.start : w.end] for w in group if w.doc.aux is not None]
     for i, w in enumerate(group):
         n = w.end - w.start
         hidden.append(w.doc.hidden[w.start : w.end])
@@ -244,4 +246,5 @@ def _build(group: list[_Window]) -> MicroBatch:
         hidden=torch.cat(hidden)[None], input_ids=torch.cat(ids).long()[None], loss_mask=torch.cat(mask)[None],
         doc_ids=torch.cat(doc_ids)[None], own=torch.cat(own)[None],
         target_lse=torch.cat(lse).float()[None] if len(lse) == len(group) else None,
+        aux=torch.cat(aux)[None] if aux and len(aux) == len(group) else None,
     )

@@ -27,13 +27,13 @@ CONFIG_YAML = "train_config.yaml"  # a run directory's copy of its resolved conf
 
 # Keys that may differ on --resume: they change neither the weights nor the metric history.
 RESUMABLE_KEYS = ("progress", "max_steps")
-ARCH_OPTIONS = ("inner_dim", "tie_weights", "scale_input", "num_layers", "bias")
+ARCH_OPTIONS = ("inner_dim", "tie_weights", "scale_input", "num_layers", "bias", "aux_layers", "intermediate_size")
 
 
 class DraftOptions(StrictModel):
     """The draft to train; architecture options left unset take the architecture's defaults."""
 
-    arch: str = Field("mlp_speculator", description="Draft architecture: mlp_speculator or medusa.", **flag())
+    arch: str = Field("mlp_speculator", description="Draft architecture: mlp_speculator, medusa or eagle3.", **flag())
     num_heads: int = Field(6, ge=1, description="K, tokens drafted per round.", **flag("--num-heads", "-k"))
     inner_dim: int | None = Field(None, ge=0, description="MLP-Speculator stage width (default: the target's "
                                   "hidden size).", **flag())
@@ -42,6 +42,10 @@ class DraftOptions(StrictModel):
                                      **flag())
     num_layers: int | None = Field(None, ge=1, description="MEDUSA: residual blocks per head (default 1).", **flag())
     bias: bool | None = Field(None, description="medusa: biases in the residual blocks")
+    aux_layers: list[int] | None = Field(None, description="EAGLE-3: the target layers it fuses (hidden_states "
+                                         "indices; default vLLM's 2, L // 2, L - 3).", **flag("--draft-aux-layers"))
+    intermediate_size: int | None = Field(None, ge=1, description="EAGLE-3: MLP width of its decoder layer "
+                                          "(default: the target's).")
     # how the draft starts and which tokens its heads cover (lkspec.drafts.target_init, lkspec.train.vocab)
     init: Literal["random", "target"] = Field(
         "random", description="random (the paper's recipe) or target: the target's lm_head and embedding plus "

@@ -19,13 +19,13 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from lkspec.data.features import Doc, FeatureStore
 from lkspec.data.source import data_identity
-from lkspec.drafts import Draft, build_draft, load_draft
+from lkspec.drafts import DRAFTS, Draft, build_draft, load_draft
 from lkspec.errors import LkspecError
 from lkspec.io import read_json
 from lkspec.targets import TargetIdentity, TargetTensors, load_lm_head
 from lkspec.train.batching import DataPlan, DocSource, plan_data, survey
 from lkspec.train.checkpoint import state_dir
-from lkspec.train.config import CONFIG_YAML, RESUMABLE_KEYS, TrainConfig, changed_keys, config_dict
+from lkspec.train.config import CONFIG_YAML, RESUMABLE_KEYS, DraftOptions, TrainConfig, changed_keys, config_dict
 from lkspec.train.distributed import DistContext, shard_draft
 from lkspec.train.step import StepRunner, Teacher, head_modules
 from lkspec.train.vocab import choose_vocab, read_token_list
@@ -37,6 +37,8 @@ METRICS = "metrics.jsonl"
 
 class TeacherHead(Teacher, Protocol):
     """A target as training sees it (`Target` or the lighter `targets.LMHead`)."""
+
+    config: Any  # the target's HF config (an architecture may take its shapes from it)
 
     @property
     def identity(self) -> TargetIdentity: ...
@@ -147,12 +149,25 @@ def draft_vocab_size(cfg: TrainConfig, identity: TargetIdentity) -> int | None:
     return d.vocab_size
 
 
+def arch_options(d: DraftOptions, identity: TargetIdentity, target_config: Any = None,
+                 vocab: int | None = None) -> dict[str, Any]:
+    """The draft's config options: what the user set, over what the architecture takes from the target's config
+    (EAGLE-3's layer shapes and aux layers), over the architecture's defaults."""
+    base = DRAFTS[d.arch].target_config_defaults(target_config) if target_config is not None else {}
+    return {**base, **d.options(vocab, identity.hidden_size)}
+
+
+def draft_aux_layers(d: DraftOptions, identity: TargetIdentity, target_config: Any) -> list[int]:
+    """The target layers a run's draft reads besides the final state (features must carry them)."""
+    return list(arch_options(d, identity, target_config).get("aux_layers") or [])
+
+
 def new_draft(cfg: TrainConfig, identity: TargetIdentity, init_from: str | Path | None = None,
-              vocab: int | None = None) -> Draft:
+              vocab: int | None = None, target_config: Any = None) -> Draft:
     """The run's draft: seeded random init, or the weights of `init_from` (same options required)."""
     d = cfg.draft
     draft = build_draft(d.arch, seed=cfg.seed, hidden_size=identity.hidden_size, vocab_size=identity.vocab_size,
-                        **d.options(vocab, identity.hidden_size))
+                        **arch_options(d, identity, target_config, vocab))
     if init_from is not None:
         src = load_draft(init_from, target=identity)
         if src.config != draft.config:
@@ -173,6 +188,7 @@ def start_from_data(draft: Draft, cfg: TrainConfig, store: DocSource, plan: Data
 
     notes: dict[str, Any] = {"init": cfg.draft.init}
     V = teacher.identity.vocab_size
+    draft.adopt_target(teacher.init_tensors)
     if draft.token_map is not None:
         choice = choose_vocab(train_docs(), size=draft.config.head_rows, vocab_size=V, rank=cfg.draft.vocab_rank,
                               teacher=teacher, tokens_file=cfg.draft.vocab_tokens)
@@ -219,13 +235,14 @@ def build_setup(config: TrainConfig, run: Path, *, store: DocSource | None, teac
                      batch_tokens=cfg.data.batch_tokens, where=str(store.path))
     dev = ctx.device
     vocab = draft_vocab_size(cfg, teacher.identity)
-    draft = new_draft(cfg, teacher.identity, init_from, vocab)
+    draft = new_draft(cfg, teacher.identity, init_from, vocab, teacher.config)
+    store.check_aux_layers(list(draft.aux_layers), f"the {draft.arch} draft")
     notes = start_from_data(draft, cfg, store, plan, teacher) if not resume and init_from is None else {}
     if cfg.draft.freeze:
         for p in draft.vocab_parameters():
             p.requires_grad_(False)
     draft = draft.to(dev)
-    export_draft = new_draft(cfg, teacher.identity, vocab=vocab)
+    export_draft = new_draft(cfg, teacher.identity, vocab=vocab, target_config=teacher.config)
     ctx.broadcast_module(draft)
     heads = head_modules(draft)
     fsdp = ctx.active and cfg.parallel == "fsdp"

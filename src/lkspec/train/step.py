@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lkspec.drafts import Draft
+from lkspec.errors import LkspecError
 from lkspec.losses import AlphaMean, draft_head_term, get_loss
 from lkspec.train.batching import MicroBatch, pack
 from lkspec.train.distributed import DistContext
@@ -109,7 +110,7 @@ class StepRunner:
                     lse = torch.logsumexp(teacher / self.temperature, -1)
                     teacher = teacher[:, token_map.to(dev)]
         with torch.set_grad_enabled(backward), self.autocast():
-            states = [s[0] for s in self.trunk(hidden, ids)]
+            states = [s[0] for s in self.trunk(*self.draft_inputs(mb, hidden), ids, **self.packing(mb))]
         leaves: list[torch.Tensor] = []
         for k in range(1, K + 1):
             m = masks[k - 1]
@@ -135,6 +136,22 @@ class StepRunner:
                 pairs = [(s, leaf.grad) for s, leaf in zip(states, leaves, strict=True) if leaf.grad is not None]
             if pairs:
                 torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
+
+    def draft_inputs(self, mb: MicroBatch, hidden: torch.Tensor) -> tuple[torch.Tensor]:
+        """What the draft reads: the final state, or (EAGLE-3) the aux states, zero-wide in an empty row."""
+        if not self.draft.aux_layers:
+            return (hidden,)
+        if mb.aux is not None:
+            return (mb.aux.to(self.device, non_blocking=True),)
+        if mb.num_tokens:
+            raise LkspecError(f"the draft reads target layers {list(self.draft.aux_layers)} but these features "
+                              f"carry no aux states; extract them with --aux-layers")
+        width = len(self.draft.aux_layers) * self.draft.config.hidden_size
+        return (hidden.new_zeros(1, 0, width),)
+
+    def packing(self, mb: MicroBatch) -> dict[str, torch.Tensor]:
+        """A draft that attends must not look across the documents packed into one row."""
+        return {"segments": mb.doc_ids.to(self.device)} if self.draft.attends else {}
 
     def reduced_alpha_mean(self, k: int, counts: list[float]) -> AlphaMean:
         """lambda's batch-mean alpha from one all-reduce of head k's alpha sum, right before its backward."""

@@ -1,0 +1,377 @@
+"""EAGLE-3 (Li et al. 2025): one decoder layer over fused low/mid/high target states, unrolled on its own outputs.
+
+What makes it different from the other two drafts is that it attends: step 1 at position t reads the fused
+target states of every position <= t, so the draft carries a KV cache of its own across rounds
+(`Eagle3Context`), and its later steps feed back their own pre-norm outputs. Per step (vLLM's
+`llama_eagle3.py` form, names as in its checkpoints):
+
+    x      = fc(cat[a_low, a_mid, a_high])        step 1 only: the target's aux states at position t
+    u      = cat[input_layernorm(embed(y)), hidden_norm(x)]        [2H], y the token after t
+    r      = x + o_proj(attention(q, k, v of u; RoPE at the step's position))
+    g      = r + mlp(post_attention_layernorm(r))                   pre-norm output, the next step's x
+    logits = lm_head(norm(g))                                       over the draft vocabulary (d2t in vLLM)
+
+Teacher-forced, as trained and as the coupling replay needs it ("training-time test", `head_states`): step j
+at anchor t sits at position t + j - 1 and attends to step 1's keys at positions <= t (the context a round
+starts from) plus its own chain's keys of steps 2..j (the positions it drafted), exactly what a round of
+the generator computes when every earlier draft was accepted. So replay, training and generation share
+one definition, and the per-anchor chains run for all anchors at once.
+
+The token embedding is the target's, frozen (copied in `adopt_target`, saved with the draft so a
+checkpoint is self-contained). The aux layers are indices into HF's `output_hidden_states` (the input to
+that decoder layer), vLLM's default (2, L // 2, L - 3) unless configured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from lkspec.drafts.base import Draft, DraftConfig, register
+from lkspec.drafts.target_init import InitReport
+from lkspec.errors import LkspecError
+from lkspec.targets import TargetTensors
+
+
+class Eagle3Config(DraftConfig):
+    arch: str = "eagle3"
+    aux_layers: list[int] = Field(default_factory=list, description="target layers whose input states are fused "
+                                  "(HF output_hidden_states indices); empty: vLLM's (2, L // 2, L - 3)")
+    num_attention_heads: int = Field(0, ge=0, description="0: the target's")
+    num_key_value_heads: int = Field(0, ge=0, description="0: the target's")
+    head_dim: int = Field(0, ge=0, description="0: the target's")
+    intermediate_size: int = Field(0, ge=0, description="MLP width; 0: the target's")
+    rope_theta: float = Field(10000.0, gt=0)
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    max_position_embeddings: int = Field(2048, ge=1, description="written to config.json (vLLM raises it to the "
+                                         "serving max_model_len)")
+
+    @model_validator(mode="after")
+    def _geometry(self) -> Eagle3Config:
+        if self.aux_layers != sorted(set(self.aux_layers)):
+            raise ValueError(f"aux_layers {self.aux_layers} must be distinct and ascending (vLLM concatenates the "
+                             f"layers in ascending order); use {sorted(set(self.aux_layers))}")
+        if self.num_attention_heads and self.num_key_value_heads and \
+                self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}; use a divisor")
+        return self
+
+    @property
+    def num_aux(self) -> int:
+        return len(self.aux_layers) or 3
+
+
+def target_geometry(target_config: Any) -> dict[str, Any]:
+    """The draft layer's shapes from the target's HF config (the reference drafts copy them), and the aux layers."""
+    L = int(target_config.num_hidden_layers)
+    heads = int(target_config.num_attention_heads)
+    hidden = int(target_config.hidden_size)
+    return {
+        "aux_layers": [2, L // 2, L - 3],
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(target_config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(target_config, "head_dim", None) or hidden // heads),
+        "intermediate_size": int(getattr(target_config, "intermediate_size", None) or 4 * hidden),
+        "rope_theta": float(getattr(target_config, "rope_theta", None) or 10000.0),
+        "rms_norm_eps": float(getattr(target_config, "rms_norm_eps", None) or 1e-5),
+        "max_position_embeddings": int(getattr(target_config, "max_position_embeddings", None) or 2048),
+    }
+
+
+class RMSNorm(nn.Module):
+    """Llama's: x * rsqrt(mean(x^2) + eps) * weight, normalised in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Eagle3Config) -> None:
+        super().__init__()
+        H, nh, nkv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.nh, self.nkv, self.d = nh, nkv, d
+        self.q_proj = nn.Linear(2 * H, nh * d, bias=False)
+        self.k_proj = nn.Linear(2 * H, nkv * d, bias=False)
+        self.v_proj = nn.Linear(2 * H, nkv * d, bias=False)
+        self.o_proj = nn.Linear(nh * d, H, bias=False)
+        self.register_buffer("inv_freq", 1.0 / c.rope_theta ** (torch.arange(0, d, 2).float() / d), persistent=False)
+
+    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Llama's rotary embedding (rotate-half layout) of x [B, n, T, d] at positions pos [T] or [B, T]."""
+        ang = pos.to(self.inv_freq.device).float()[..., None] * self.inv_freq
+        ang = torch.cat([ang, ang], -1)
+        if ang.dim() == 3:
+            ang = ang[:, None]
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        x1, x2 = x[..., : self.d // 2], x[..., self.d // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def qkv(self, u: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, 2H] -> q [B, nh, T, d], k and v [B, nh, T, d] (key/value heads repeated for grouped queries)."""
+        B, T, _ = u.shape
+        q = self.q_proj(u).view(B, T, self.nh, self.d).transpose(1, 2)
+        k = self.k_proj(u).view(B, T, self.nkv, self.d).transpose(1, 2)
+        v = self.v_proj(u).view(B, T, self.nkv, self.d).transpose(1, 2)
+        rep = self.nh // self.nkv
+        return self.rope(q, pos), self.rope(k, pos).repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nn.Module):
+    def __init__(self, c: Eagle3Config) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
+
+    def inputs(self, emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.input_layernorm(emb), self.hidden_norm(x)], -1)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The pre-norm output g from the step's input x and its attention output (before o_proj)."""
+        r = x + self.self_attn.out(attn)
+        return r + self.mlp(self.post_attention_layernorm(r))
+
+
+@dataclass
+class Eagle3Context:
+    """What the draft remembers between rounds: step 1's keys and values at every context position, and step 1's
+    pre-norm output at the last one (where the next round's chain starts)."""
+
+    k: torch.Tensor  # [B, nh, P, d]
+    v: torch.Tensor
+    last: torch.Tensor | None = None  # [B, H]
+
+    @property
+    def length(self) -> int:
+        return int(self.k.shape[2])
+
+
+@register
+class Eagle3(Draft):
+    arch = "eagle3"
+    config_cls = Eagle3Config
+    short = "eagle3"
+    title = "EAGLE-3"
+    default_eta = 3.0
+    attends = True
+    config: Eagle3Config
+
+    def __init__(self, config: Eagle3Config) -> None:
+        c = config
+        if not (c.num_attention_heads and c.num_key_value_heads and c.head_dim and c.intermediate_size):
+            heads = c.num_attention_heads or max(1, c.hidden_size // 64)
+            c = c.model_copy(update={
+                "num_attention_heads": heads, "num_key_value_heads": c.num_key_value_heads or heads,
+                "head_dim": c.head_dim or max(1, c.hidden_size // heads),
+                "intermediate_size": c.intermediate_size or 4 * c.hidden_size})
+        super().__init__(c)
+        H = c.hidden_size
+        self.fc = nn.Linear(c.num_aux * H, H, bias=False)
+        self.embed_tokens = nn.Embedding(c.vocab_size, H)
+        self.embed_tokens.weight.requires_grad_(False)  # the target's (adopt_target): never trained
+        self.midlayer = MidLayer(c)
+        self.norm = RMSNorm(H, c.rms_norm_eps)
+        self.lm_head = nn.Linear(H, c.head_rows, bias=False)
+
+    # ----- what the trainer and the stages need to know ---------------------------------------
+    @property
+    def aux_layers(self) -> tuple[int, ...]:
+        return tuple(self.config.aux_layers)
+
+    @classmethod
+    def target_config_defaults(cls, target_config: Any) -> dict[str, Any]:
+        return target_geometry(target_config)
+
+    def vocab_parameters(self) -> list[nn.Parameter]:
+        return [self.lm_head.weight]
+
+    @torch.no_grad()
+    def adopt_target(self, tensors: Callable[[], TargetTensors]) -> None:
+        self.embed_tokens.weight.copy_(tensors().embedding.to(self.embed_tokens.weight))
+
+    @torch.no_grad()
+    def init_from_target(self, tensors: TargetTensors, docs: Callable[[], Iterable[Any]]) -> InitReport:
+        """The head starts as the target's lm_head (its kept rows) behind the target's final-norm scale."""
+        self.embed_tokens.weight.copy_(tensors.embedding.to(self.embed_tokens.weight))
+        rows = tensors.lm_head if self.token_map is None else tensors.lm_head[self.token_map.cpu()]
+        self.lm_head.weight.copy_(rows)
+        if tensors.norm_scale is not None:
+            self.norm.weight.copy_(tensors.norm_scale)
+        return InitReport({"lm_head": int(rows.shape[0])}, "final norm" if tensors.norm_scale is not None
+                          else "scalar")
+
+    def head_weight(self, k: int) -> torch.Tensor:
+        return self.lm_head.weight
+
+    # ----- teacher-forced: every anchor's chain at once ----------------------------------------
+    def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, first: int = 0,
+                    segments: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """hidden [B, T, A*H]: the target's aux states; head k -> [B, T-k-first, H] for anchors first..T-k-1.
+
+        Step 1 runs over every anchor (they are the keys of every later query); `segments` [B, T] keeps packed
+        documents from attending to each other.
+        """
+        B, T, _ = hidden.shape
+        if input_ids.shape[:2] != (B, T):
+            raise LkspecError(f"hidden {tuple(hidden.shape)} and input_ids {tuple(input_ids.shape)} disagree on [B, T]")
+        if hidden.shape[-1] != self.fc.in_features:
+            raise LkspecError(f"an eagle3 draft reads {self.config.num_aux} target layers ({self.fc.in_features} "
+                              f"features per token) but got {hidden.shape[-1]}; use features with aux layers "
+                              f"{list(self.aux_layers)}")
+        layer, attn = self.midlayer, self.midlayer.self_attn
+        ids = input_ids.to(hidden.device).long()
+        n1 = max(T - 1, 0)
+        pos = torch.arange(n1, device=hidden.device)
+        x = self.fc(self._as_param_dtype(hidden[:, :n1]))
+        q, k1, v1 = attn.qkv(layer.inputs(self.embed_tokens(ids[:, 1 : 1 + n1]), x), pos)
+        allowed = pos[None, :] <= pos[:, None]  # [query t, key s]
+        if segments is not None:
+            seg = segments.to(hidden.device)[:, :n1]
+            allowed = allowed[None] & (seg[:, :, None] == seg[:, None, :])
+            allowed = allowed[:, None]
+        scale = 1.0 / math.sqrt(attn.d)
+        scores = (q[:, :, first:] @ k1.transpose(-1, -2)) * scale
+        mask = allowed[..., first:, :]
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        g = layer.finish(x[:, first:], probs @ v1)
+        out = [self.norm(g)]
+        chain_k, chain_v = [], []
+        for j in range(2, self.num_heads + 1):
+            n = max(T - j - first, 0)  # anchors first .. T-j-1
+            g = g[:, :n]
+            qpos = torch.arange(first, first + n, device=hidden.device) + (j - 1)
+            q, kj, vj = attn.qkv(layer.inputs(self.embed_tokens(ids[:, first + j : first + j + n]), g), qpos)
+            chain_k = [c[:, :, :n] for c in chain_k] + [kj]
+            chain_v = [c[:, :, :n] for c in chain_v] + [vj]
+            ctx_scores = ((q @ k1.transpose(-1, -2)) * scale).masked_fill(~mask[..., :n, :], float("-inf"))
+            own = torch.stack([(q * c).sum(-1) for c in chain_k], -1) * scale  # [B, nh, n, j-1]
+            p = torch.softmax(torch.cat([ctx_scores, own], -1), -1)
+            o = p[..., :n1] @ v1 + (p[..., n1:, None] * torch.stack(chain_v, -2)).sum(-2)
+            g = layer.finish(g, o)
+            out.append(self.norm(g))
+        return out
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, first: int = 0) -> list[torch.Tensor]:
+        return [self.full_logits(s @ self.lm_head.weight.T) for s in self.head_states(hidden, input_ids, first=first)]
+
+    # ----- generation: a context that grows round by round ------------------------------------
+    def new_context(self, batch: int = 1) -> Eagle3Context:
+        p = self.lm_head.weight
+        a = self.midlayer.self_attn
+        z = p.new_zeros(batch, a.nh, 0, a.d)
+        return Eagle3Context(z, z.clone())
+
+    @torch.no_grad()
+    def extend(self, ctx: Eagle3Context, features: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Append context pairs (aux states at positions P..P+n-1 [B, n, A*H], the token after each [B, n])."""
+        layer, attn = self.midlayer, self.midlayer.self_attn
+        n, P = features.shape[1], ctx.length
+        pos = torch.arange(P, P + n, device=self.fc.weight.device)
+        x = self.fc(self._as_param_dtype(features))
+        q, k, v = attn.qkv(layer.inputs(self.embed_tokens(next_tokens.to(x.device).long()), x), pos)
+        ctx.k, ctx.v = torch.cat([ctx.k, k], 2), torch.cat([ctx.v, v], 2)
+        allowed = torch.arange(P + n, device=x.device)[None, :] <= pos[:, None]
+        o = torch.softmax(((q @ ctx.k.transpose(-1, -2)) / math.sqrt(attn.d)).masked_fill(~allowed, float("-inf")),
+                          -1) @ ctx.v
+        ctx.last = layer.finish(x, o)[:, -1]
+
+    def _propose_logits(self, hidden: torch.Tensor, last_token: torch.Tensor, num_tokens: int,
+                        pick: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise LkspecError("an eagle3 draft proposes from its context; call propose_in(context, ...)")
+
+    def propose_chain(self, ctx: Eagle3Context, num_tokens: int, pick: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if ctx.last is None:
+            raise LkspecError("the eagle3 context is empty; extend it with the prompt's features first")
+        layer, attn = self.midlayer, self.midlayer.self_attn
+        g = ctx.last[:, None]  # [B, 1, H]
+        keys, values = ctx.k, ctx.v
+        start = ctx.length - 1  # the position of the context's last pair: step j sits at start + j - 1
+        tokens, probs = [], []
+        for j in range(1, num_tokens + 1):
+            token, q_dist = pick(self.lm_head(self.norm(g[:, 0])))
+            tokens.append(token)
+            probs.append(q_dist)
+            if j == num_tokens:
+                break
+            pos = torch.tensor([start + j], device=g.device)
+            q, k, v = attn.qkv(layer.inputs(self.embed_tokens(token[:, None]), g), pos)
+            keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+            o = torch.softmax((q @ keys.transpose(-1, -2)) / math.sqrt(attn.d), -1) @ values
+            g = layer.finish(g, o)
+        return torch.stack(tokens, 1), torch.stack(probs, 1)
+
+    def layer_config(self) -> dict[str, Any]:
+        """The decoder layer as a Llama config (what both served layouts describe it with)."""
+        c = self.config
+        return {
+            "model_type": "llama",
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "num_hidden_layers": 1,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "max_position_embeddings": c.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "vocab_size": c.vocab_size,
+            "tie_word_embeddings": False,
+        }
+
+    def vllm_config(self) -> dict[str, Any]:
+        """The native EAGLE-3 layout (vLLM's `LlamaForCausalLMEagle3`, as the authors' checkpoints). The residual
+        is the raw input (norm_before_residual false: written out, vLLM's speculators path defaults it to true)."""
+        c = self.config
+        return {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            **self.layer_config(),
+            "draft_vocab_size": c.head_rows,
+            "norm_before_residual": False,
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(c.aux_layers)},
+        }
+
+    def served_tensors(self) -> dict[str, torch.Tensor]:
+        """vLLM's tensor names: the module's own, and for a truncated head d2t (target id = draft id + d2t, int64)
+        and t2d (bool [V]) instead of the token map; vLLM has no d2t parameter for a full-vocabulary head."""
+        out = {k: v for k, v in self.state_dict().items() if k != "token_map"}
+        if self.token_map is not None:
+            n = self.token_map.numel()
+            out["d2t"] = self.token_map.cpu() - torch.arange(n)
+            t2d = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+            t2d[self.token_map.cpu()] = True
+            out["t2d"] = t2d
+        return out

@@ -1,0 +1,255 @@
+"""EAGLE-3: the teacher-forced training-time test, the generator's context and the chain agree exactly."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lkspec.drafts import build_draft
+
+SMALL = {"hidden_size": 16, "vocab_size": 50, "num_heads": 4, "aux_layers": [1, 2, 3], "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 32, "rope_theta": 100.0}
+
+
+def tiny(**kw):
+    d = build_draft("eagle3", seed=0, **{**SMALL, **kw}).double()
+    with torch.no_grad():  # non-trivial norms, so a swapped norm or input order shows
+        for m in d.modules():
+            if hasattr(m, "eps"):
+                m.weight.uniform_(0.5, 1.5)
+        d.embed_tokens.weight.normal_()
+    return d.eval()
+
+
+def data(T=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, T, 48, generator=g, dtype=torch.float64), torch.randint(0, 50, (1, T), generator=g)
+
+
+def chain_logits(d, feats, ids, t, steps, *, chunks=1):
+    """The generator's way: the context holds anchors 0..t (extended in `chunks` calls), then the chain runs on
+    the teacher's tokens; returns the logits of each step."""
+    ctx = d.new_context()
+    cuts = torch.linspace(0, t + 1, chunks + 1).long().tolist()
+    for a, b in itertools.pairwise(cuts):
+        if b > a:
+            d.extend(ctx, feats[:, a:b], ids[:, a + 1 : b + 1])
+    seen = []
+
+    def pick(logits):
+        seen.append(logits)
+        tok = ids[:, t + 1 + len(seen)]
+        return tok, logits.softmax(-1)
+
+    d.propose_chain(ctx, steps, pick)
+    return seen
+
+
+@pytest.mark.parametrize("t", [0, 3, 6])
+def test_training_time_test_equals_the_generators_chain(t):
+    d = tiny()
+    feats, ids = data()
+    heads = d(feats, ids)
+    K = d.num_heads
+    got = chain_logits(d, feats, ids, t, K, chunks=3 if t > 2 else 1)
+    for k in range(1, K + 1):
+        assert heads[k - 1].shape[1] == ids.shape[1] - k
+        torch.testing.assert_close(got[k - 1], heads[k - 1][:, t], rtol=1e-9, atol=1e-9)
+
+
+def test_first_only_drops_anchors_and_keeps_their_context():
+    d = tiny()
+    feats, ids = data()
+    full, part = d(feats, ids), d(feats, ids, first=5)
+    for a, b in zip(full, part, strict=True):
+        torch.testing.assert_close(b, a[:, 5:], rtol=1e-9, atol=1e-9)
+    # the context matters: without positions 0..4 anchor 5 predicts differently
+    cut = d(feats[:, 5:], ids[:, 5:])
+    assert not torch.allclose(cut[0][:, 0], full[0][:, 5])
+
+
+def test_packed_documents_do_not_see_each_other():
+    d = tiny()
+    fa, ia = data(7, seed=2)
+    fb, ib = data(9, seed=3)
+    seg = torch.tensor([[0] * 7 + [1] * 9])
+    packed = d.head_states(torch.cat([fa, fb], 1), torch.cat([ia, ib], 1), segments=seg)
+    alone_a, alone_b = d.head_states(fa, ia), d.head_states(fb, ib)
+    for k in range(1, d.num_heads + 1):
+        n_a = 7 - k  # anchors of document a whose chain stays inside it
+        torch.testing.assert_close(packed[k - 1][:, :n_a], alone_a[k - 1], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(packed[k - 1][:, 7 : 7 + 9 - k], alone_b[k - 1], rtol=1e-9, atol=1e-9)
+
+
+def test_truncated_head_gives_zero_mass_outside_its_map():
+    d = tiny(draft_vocab_size=10)
+    d.set_token_map(torch.arange(0, 50, 5))
+    feats, ids = data()
+    logits = d(feats, ids)[0]
+    assert torch.isinf(logits[..., 1]).all() and torch.isfinite(logits[..., 5]).all()
+    prop = d.propose_in(_ctx(d, feats, ids), temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert set(prop.tokens.flatten().tolist()) <= set(range(0, 50, 5))
+    assert prop.probs[..., 1].abs().max() == 0
+
+
+def _ctx(d, feats, ids):
+    ctx = d.new_context()
+    d.extend(ctx, feats[:, :-1], ids[:, 1:])
+    return ctx
+
+
+def test_greedy_proposal_is_the_argmax_chain():
+    d = tiny()
+    feats, ids = data()
+    prop = d.propose_in(_ctx(d, feats, ids), temperature=0.0)
+    toks = prop.tokens[0].tolist()
+    ext = torch.cat([ids, torch.tensor([toks])], 1)
+    T = ids.shape[1]
+    logits = chain_logits(d, feats, ext, T - 2, d.num_heads)
+    assert [int(x.argmax()) for x in logits] == toks
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from lkspec.drafts import load_draft
+
+    d = tiny().float()
+    d.save(tmp_path / "e3")
+    back = load_draft(tmp_path / "e3")
+    feats, ids = data()
+    for a, b in zip(d(feats.float(), ids), back(feats.float(), ids), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not back.embed_tokens.weight.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# in the generator and the replay, on a real (1-layer, 6-token) Llama with a KV cache
+# ----------------------------------------------------------------------------------------------
+def small_eagle3(target, heads=4):
+    from lkspec.targets import TargetTensors
+
+    d = build_draft("eagle3", seed=3, hidden_size=target.hidden_size, vocab_size=target.vocab_size, num_heads=heads,
+                    aux_layers=[0, 1], num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                    intermediate_size=32)
+    emb = target.model.get_input_embeddings().weight.detach().clone()
+    d.adopt_target(lambda: TargetTensors(emb, emb, None))
+    with torch.no_grad():
+        d.lm_head.weight.mul_(8.0)  # peaked q, so rejections and residual draws are frequent
+    return d.eval()
+
+
+@pytest.mark.parametrize("rule", ["sampled", "greedy"])
+def test_generator_rounds_match_the_replay_on_its_own_outputs(rule):
+    """The generator's context (extended round by round with the target's aux states) and the replay's
+    teacher-forced pass are the same draft: given the output, the replay gives the rounds' exact mean and
+    variance (exactly the rounds for greedy drafts)."""
+    import math
+
+    from lkspec.specdec import SpeculativeGenerator
+    from test_specdec import make_small_vocab_target, replay_rounds
+
+    target = make_small_vocab_target()
+    draft = small_eagle3(target)
+    gen = SpeculativeGenerator(target, draft, temperature=1.0, rule=rule)
+    total, mean, var, accepted = 0, 0.0, 0.0, 0
+    for seed in range(10):
+        res = gen.generate([1, 2, 3 + seed % 2], max_new_tokens=60, seed=seed)
+        m, v = replay_rounds(target, draft, res, 1.0, rule)
+        total, mean, var = total + res.rounds, mean + m, var + v
+        accepted += sum(res.position_counts()[1])
+    assert accepted > 0
+    if rule == "greedy":
+        assert var == 0 and total == mean
+        return
+    assert abs(total - mean) / math.sqrt(var) < 4, (total, mean, var)
+
+
+def test_generator_is_lossless_with_eagle3():
+    from lkspec.specdec import SpeculativeGenerator
+    from test_specdec import chi_square_ranks, make_small_vocab_target
+
+    target = make_small_vocab_target()
+    res = SpeculativeGenerator(target, small_eagle3(target), temperature=1.0).generate([1, 2, 3], max_new_tokens=1200,
+                                                                                       seed=0)
+    tried, acc = res.position_counts()
+    assert 0 < sum(acc) < sum(tried)
+    p_value = chi_square_ranks(target, [1, 2, 3], res.tokens)
+    assert p_value > 1e-3, p_value
+
+
+@pytest.mark.parametrize("proposer", ["draft", "ngram+draft"])
+def test_greedy_output_is_the_targets_with_eagle3(proposer):
+    from lkspec.specdec import SpeculativeGenerator, plain_generate
+    from test_specdec import make_small_vocab_target
+
+    target = make_small_vocab_target()
+    prompt = [1, 2, 3, 1, 2]
+    ref, _ = plain_generate(target, prompt, max_new_tokens=80, temperature=0)
+    res = SpeculativeGenerator(target, small_eagle3(target), temperature=0, proposer=proposer).generate(
+        prompt, max_new_tokens=80)
+    assert res.tokens == ref
+
+
+# ----------------------------------------------------------------------------------------------
+# export: the native EAGLE-3 layout and vllm-project/speculators', read back as the same draft
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["vllm", "speculators"])
+@pytest.mark.parametrize("truncated", [False, True])
+def test_export_layouts_reload_as_the_same_draft(tmp_path, fmt, truncated):
+    from safetensors import safe_open
+
+    from lkspec.drafts import load_draft, read_checkpoint
+    from lkspec.export import export_draft
+    from lkspec.io import read_json
+    from lkspec.targets import TargetIdentity
+
+    d = tiny(**({"draft_vocab_size": 10} if truncated else {})).float()
+    if truncated:
+        d.set_token_map(torch.arange(3, 50, 5)[:10])
+    ident = TargetIdentity(name="HuggingFaceTB/SmolLM2-135M-Instruct", vocab_size=50, hidden_size=16,
+                           tokenizer_hash="t" * 64)
+    run = d.save(tmp_path / "run", target=ident)
+    out = export_draft(run, tmp_path / fmt, dtype="fp32", fmt=fmt).out
+    cfg = read_json(out / "config.json")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    if fmt == "speculators":
+        assert cfg["architectures"] == ["Eagle3Speculator"] and "model_type" not in cfg
+        assert cfg["transformer_layer_config"]["num_attention_heads"] == 4
+        assert cfg["speculators_config"]["verifier"]["name_or_path"] == ident.name
+        assert "layers.0.self_attn.q_proj.weight" in names and not any(n.startswith("midlayer.") for n in names)
+    else:
+        assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
+        assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+        assert "midlayer.self_attn.q_proj.weight" in names
+    assert cfg["norm_before_residual"] is False and cfg["draft_vocab_size"] == (10 if truncated else 50)
+    assert ("d2t" in names) == ("t2d" in names) == truncated
+    if truncated:
+        with safe_open(out / "model.safetensors", "pt") as f:
+            d2t, t2d = f.get_tensor("d2t"), f.get_tensor("t2d")
+        assert d2t.dtype == torch.int64 and torch.equal(torch.arange(10) + d2t, d.token_map)
+        assert t2d.dtype == torch.bool and int(t2d.sum()) == 10 and bool(t2d[d.token_map].all())
+    back = load_draft(out, target=ident)
+    assert back.config == d.config and read_checkpoint(out).layout == "lkspec-export"
+    feats, ids = data()
+    for a, b in zip(d(feats.float(), ids), back(feats.float(), ids), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_check_servable_refuses_what_vllm_would_misread():
+    from lkspec.errors import LkspecError
+    from lkspec.export.layouts import layout
+    from lkspec.export.vllm_rules import check_servable
+
+    cfg, tensors = layout(tiny().float(), fmt="speculators", dtype=torch.float32, base_model="m")
+    check_servable(cfg, tensors)
+    with pytest.raises(LkspecError, match="no top-level model_type"):
+        check_servable({**cfg, "model_type": "llama"}, tensors)
+    with pytest.raises(LkspecError, match="eagle_aux_hidden_state_layer_ids"):
+        check_servable({**cfg, "eagle_aux_hidden_state_layer_ids": []}, tensors)
+    native, t2 = layout(tiny().float(), fmt="vllm", dtype=torch.float32)
+    with pytest.raises(LkspecError, match="would silently ignore"):
+        check_servable(native, {**t2, "extra.weight": torch.zeros(1)})
+    with pytest.raises(LkspecError, match="speculators"):
+        layout(build_draft("medusa", hidden_size=16, vocab_size=50), fmt="speculators", dtype=torch.float32)
