@@ -1,4 +1,4 @@
-"""Load lkspec exports with vLLM 0.32.0's own `MLPSpeculator` and `Medusa` classes on CPU; compare outputs.
+"""Load lkspec exports with vLLM 0.32.0's own `MLPSpeculator`, `Medusa` and `Eagle3LlamaForCausalLM` classes on CPU.
 
 Run through scripts/check_vllm_load.sh (it builds the venv with vLLM and sets VLLM_TARGET_DEVICE=cpu).
 For each case: export a random draft with `lkspec.export.export_draft`, read the directory with vLLM's own
@@ -217,6 +217,17 @@ def main() -> int:
             print(f"{status} {label:28s} loaded {r['loaded']}/{r['vllm_params']} params from {r['our_tensors']} "
                   f"tensors ({r['ignored_tied_copies']} tied copies skipped); max rel logit gap vs lkspec "
                   f"{r['rel_gap_vs_lkspec_import']:.1e}, vs source draft {r['rel_gap_vs_source_draft']:.1e}"
+                  + ("" if r["ok"] else f"  {r['problems']}"), flush=True)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from vllm_eagle3_check import CASES as EAGLE3_CASES
+        from vllm_eagle3_check import run_eagle3_case
+
+        for i, (label, cfg, dtype, fmt) in enumerate(EAGLE3_CASES):
+            r = run_eagle3_case(label, cfg, dtype, fmt, Path(tmp), args.hidden, args.vocab, args.seed + 100 + i)
+            results.append(r)
+            print(f"{'OK  ' if r['ok'] else 'FAIL'} {label:32s} loaded {r['loaded']}/{r['vllm_params']} params from "
+                  f"{r['our_tensors']} tensors (t2d skipped by vLLM: {r['ignored_tied_copies']}); max rel logit gap "
+                  f"vs lkspec (step 1 everywhere, a {r['heads']}-step chain) {r['rel_gap_vs_lkspec_import']:.1e}"
                   + ("" if r["ok"] else f"  {r['problems']}"), flush=True)
     ok = all(r["ok"] for r in results)
     summary = {"vllm": vllm.__version__, "torch": torch.__version__, "hidden": args.hidden, "vocab": args.vocab,

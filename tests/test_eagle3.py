@@ -253,3 +253,102 @@ def test_check_servable_refuses_what_vllm_would_misread():
         check_servable(native, {**t2, "extra.weight": torch.zeros(1)})
     with pytest.raises(LkspecError, match="speculators"):
         layout(build_draft("medusa", hidden_size=16, vocab_size=50), fmt="speculators", dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# features: the aux states travel through the store, the combined source and the packer
+# ----------------------------------------------------------------------------------------------
+def test_aux_states_are_hf_hidden_states_and_survive_the_store(tiny_target, tmp_path):
+    from lkspec.data.combined import CombinedSource
+    from lkspec.data.features import FeatureStore, FeatureWriter
+    from lkspec.data.source import Doc
+    from lkspec.errors import LkspecError
+    from lkspec.train.batching import pack
+
+    ids = torch.randint(0, tiny_target.vocab_size, (1, 9))
+    last, aux = tiny_target.states(ids, None, [0, 2])
+    hs = tiny_target.model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(aux, torch.cat([hs[0], hs[2]], -1))
+    torch.testing.assert_close(last, tiny_target.hidden_states(ids))
+    with pytest.raises(LkspecError, match="outside the target's 0..2"):
+        tiny_target.states(ids, None, [1, 3])
+
+    def write(path, layers):
+        w = FeatureWriter(path, tiny_target.identity, dtype="float32", aux_layers=layers)
+        w.write_shard([Doc(0, ids[0], torch.ones(9, dtype=torch.bool), last[0], aux=aux[0] if layers else None)])
+        return FeatureStore(path)
+
+    store = write(tmp_path / "f", [0, 2])
+    (doc,) = store.load_shard(0)
+    torch.testing.assert_close(doc.aux, aux[0])
+    store.check_aux_layers([0, 2], "the draft")
+    with pytest.raises(LkspecError, match="--aux-layers 0,1"):
+        store.check_aux_layers([0, 1], "the eagle3 draft")
+    with pytest.raises(LkspecError, match="aux layers"):
+        FeatureWriter(tmp_path / "f", tiny_target.identity, dtype="float32", aux_layers=[0, 1])
+    both = CombinedSource([store, write(tmp_path / "g", [0, 2])])
+    both.check_aux_layers([0, 2], "the draft")
+    with pytest.raises(LkspecError, match="carry no aux layers"):
+        CombinedSource([store, write(tmp_path / "h", [])]).check_aux_layers([0, 2], "the eagle3 draft")
+    (mb,) = pack([doc, doc], 4, 64)
+    assert mb.aux.shape == (1, 18, 2 * tiny_target.hidden_size) and mb.doc_ids[0, 9] == 1
+
+
+def test_target_init_is_the_fitted_linear_two_ahead_predictor():
+    """An untrained target-initialised draft predicts token t+2 as the ridge map of the aux states at t does:
+    here the next state is an exact linear function of them, so head 1's logits are the target's own at t+1."""
+    from lkspec.data.source import Doc
+    from lkspec.targets import TargetTensors
+
+    g = torch.Generator().manual_seed(0)
+    H, V = 16, 50
+    lm_head, emb = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+    scale = torch.rand(H, generator=g) + 0.5
+    M = torch.randn(3 * H, H, generator=g)
+    docs = []
+    for r in range(6):
+        aux = torch.randn(40, 3 * H, generator=g)
+        x = aux @ M
+        h = torch.cat([torch.zeros(1, H), scale * x[:-1] / x[:-1].pow(2).mean(-1, keepdim=True).sqrt()])
+        docs.append(Doc(r, torch.randint(0, V, (40,), generator=g), torch.ones(40, dtype=torch.bool), h, aux=aux))
+    d = tiny()
+    d.init_from_target(TargetTensors(lm_head, emb, scale), lambda: iter(docs))
+    assert torch.equal(d.embed_tokens.weight.float(), emb)
+    doc = docs[0]
+    with torch.no_grad():
+        head1 = d(doc.aux[None].double(), doc.input_ids[None])[0][0]  # anchors 0..38 predict token t+2
+        target = doc.hidden[1:].double() @ lm_head.double().T  # head 1 at anchor t is taught by h_{t+1}
+        # head k >= 2 starts as head 1 (the residual branches are zero): the chain copies its state
+        torch.testing.assert_close(d(doc.aux[None].double(), doc.input_ids[None])[1][0], head1[:-1])
+    cos = torch.nn.functional.cosine_similarity(head1, target, dim=-1)
+    assert cos.min() > 0.99, cos.min()
+
+
+def test_authors_layout_without_embedding_loads_with_its_target(tmp_path):
+    """The authors' checkpoints (e.g. yuhuili/EAGLE3-LLaMA3.1-Instruct-8B) leave out the frozen embedding: vLLM
+    shares the target's, and so does lkspec when a target is at hand (eval, generate, train --init-from)."""
+    from safetensors.torch import load_file, save_file
+
+    from lkspec.drafts import load_draft, read_checkpoint
+    from lkspec.errors import LkspecError
+    from lkspec.export.layouts import layout
+    from lkspec.io import write_json
+    from lkspec.targets import TargetTensors
+
+    d = tiny(draft_vocab_size=10).float()
+    d.set_token_map(torch.arange(5, 45, 4))
+    cfg, tensors = layout(d, fmt="vllm", dtype=torch.float32)
+    out = tmp_path / "authors"
+    out.mkdir()
+    emb = tensors.pop("embed_tokens.weight")
+    save_file(tensors, str(out / "model.safetensors"))
+    write_json(out / "config.json", cfg)
+    assert read_checkpoint(out).from_target == ["embed_tokens.weight"] and read_checkpoint(out).layout == "vllm"
+    with pytest.raises(LkspecError, match="leaves embed_tokens.weight to its target"):
+        load_draft(out)
+    back = load_draft(out, tables=lambda: TargetTensors(emb, emb, None))
+    assert back.config.num_heads == 6  # the layout does not say K: the default (speculators' configs do)
+    feats, ids = data()
+    for a, b in zip(d(feats.float(), ids), back(feats.float(), ids), strict=False):
+        torch.testing.assert_close(a, b)
+    assert set(load_file(str(out / "model.safetensors"))) >= {"d2t", "t2d", "midlayer.hidden_norm.weight"}

@@ -58,7 +58,8 @@ def run_generate(target_spec: str, draft_path: str | Path | None, settings: Gene
     target = load_target(target_spec, device=device)
     if draft_path is None and s.proposer != NGRAM:
         raise LkspecError(f"proposer {s.proposer!r} needs a draft directory; pass one, or --proposer ngram")
-    draft = load_draft(draft_path, target=target.identity, device=target.device) if draft_path else None
+    draft = load_draft(draft_path, target=target.identity, device=target.device,
+                                  tables=target.init_tensors) if draft_path else None
     gen = SpeculativeGenerator(target, draft, k=s.k, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                rule="greedy" if s.greedy_draft else "sampled", proposer=s.proposer, ngram=s.ngram)
     messages = [[{"role": "user", "content": p}] for p in prompts]

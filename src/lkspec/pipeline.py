@@ -254,7 +254,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     t = stage(n_stages - 1, "evaluate: exact tau by coupling replay (target samples shared by all drafts)")
     groups: dict[str, list[DraftEntry]] = {}
     for name, arch, _ in runs:  # paired comparison within an architecture: baseline loss first
-        draft = load_draft(res.runs[name], target=target.identity, device=target.device).eval()
+        draft = load_draft(res.runs[name], target=target.identity, device=target.device,
+                           tables=target.init_tensors).eval()
         groups.setdefault(DRAFTS[arch].short, []).append(DraftEntry(name, str(res.runs[name]), draft))
     for short, group in groups.items():
         report = evaluate(target, group, cfg.eval, progress=progress)

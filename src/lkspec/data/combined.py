@@ -44,6 +44,8 @@ class CombinedSource(ShardedDocs):
         self.index = {"format": "lkspec-features-combined/1", "target": first.model_dump(),
                       "dtype": self.parts[0].index["dtype"], "hidden_size": self.parts[0].hidden_size,
                       "meta": {"parts": [{"path": str(p.path), **p.meta} for p in self.parts]}, "shards": shards}
+        if all(p.aux_layers == self.parts[0].aux_layers for p in self.parts):
+            self.index["aux_layers"] = self.parts[0].aux_layers
 
     @property
     def paths(self) -> list[Path]:
@@ -52,6 +54,10 @@ class CombinedSource(ShardedDocs):
     def check_target(self, identity: TargetIdentity) -> None:
         for p in self.parts:
             p.check_target(identity)
+
+    def check_aux_layers(self, layers: list[int] | tuple[int, ...], what: str) -> None:
+        for p in self.parts:
+            p.check_aux_layers(layers, what)
 
     def load_shard(self, i: int) -> list[Doc]:
         part, j = self._shard_of[i]

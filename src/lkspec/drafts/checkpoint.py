@@ -25,6 +25,7 @@ import is what vLLM would serve; where vLLM would silently drop something (Faste
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from lkspec.drafts.outside_layouts import PLANS, Plan, arch_of
 from lkspec.drafts.vllm_names import tied_source
 from lkspec.errors import LkspecError
 from lkspec.io import open_safetensors, read_json, tensor_aliases
-from lkspec.targets import TargetIdentity
+from lkspec.targets import TargetIdentity, TargetTensors
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Checkpoint:
     layout: str  # "lkspec", "lkspec-export", "vllm", "fms", "fasterdecoding"
     raw: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    from_target: list[str] = field(default_factory=list)  # left to the target by the layout (EAGLE-3's embedding)
 
 
 def _short(names: list[str], n: int = 8) -> str:
@@ -163,8 +165,10 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
     for note in plan.notes:
         log.info("%s: %s", d, note)
     if not weights:
-        return Checkpoint(config, None, target, plan.layout, raw, plan.notes)
-    expected = expected_names(config)
+        return Checkpoint(config, None, target, plan.layout, raw, plan.notes,
+                          sorted(plan.from_target - set(plan.sources)))
+    from_target = sorted(plan.from_target - set(plan.sources))
+    expected = expected_names(config) - set(from_target)
     have = set(plan.sources) | set(plan.aliases)
     missing = sorted(expected - have)
     shared = set(plan.aliases.values())  # e.g. original_lm_head's lm_head.weight: used through its aliases
@@ -199,7 +203,7 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
             if src is not None and not torch.equal(tensors[name], tensors[src]):
                 raise LkspecError(f"{d}: tie_weights is true but {name} differs from {src}; lkspec ties them as "
                                   f"fms does, so set tie_weights false if the stages really differ")
-    return Checkpoint(config, tensors, target, plan.layout, raw, plan.notes)
+    return Checkpoint(config, tensors, target, plan.layout, raw, plan.notes, from_target)
 
 
 def read_draft_config(path: str | Path) -> tuple[DraftConfig, dict[str, Any]]:
@@ -209,8 +213,8 @@ def read_draft_config(path: str | Path) -> tuple[DraftConfig, dict[str, Any]]:
     return ck.config, ck.raw
 
 
-def load_draft(path: str | Path, *, target: TargetIdentity | None = None,
-               device: str | torch.device = "cpu") -> Draft:
+def load_draft(path: str | Path, *, target: TargetIdentity | None = None, device: str | torch.device = "cpu",
+               tables: Callable[[], TargetTensors] | None = None) -> Draft:
     """Load a checkpoint directory in fp32: lkspec's own, an lkspec export, or an outside layout that
     `read_checkpoint` reads (vLLM-native, IBM fms, FasterDecoding MEDUSA).
 
@@ -225,6 +229,12 @@ def load_draft(path: str | Path, *, target: TargetIdentity | None = None,
         if ckpt.target:
             target.check(ckpt.target, what=f"draft {d}")
     draft = draft_class(config.arch)(config)
+    if ckpt.from_target:  # e.g. the authors' EAGLE-3 checkpoints: vLLM shares the target's embedding with them
+        if tables is None:
+            raise LkspecError(f"{d} leaves {', '.join(ckpt.from_target)} to its target (vLLM shares the target's); "
+                              f"load it where the target is loaded (lkspec eval / generate / train --init-from)")
+        draft.adopt_target(tables)
+        tensors = {**tensors, **{n: v for n, v in draft.state_dict().items() if n in ckpt.from_target}}
     expected = set(draft.export_state_dict())
     missing, unknown = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unknown:

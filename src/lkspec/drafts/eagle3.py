@@ -33,8 +33,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from lkspec.data.source import Doc
 from lkspec.drafts.base import Draft, DraftConfig, register
-from lkspec.drafts.target_init import InitReport
+from lkspec.drafts.target_init import InitReport, NormalEquations, TargetBasis
 from lkspec.errors import LkspecError
 from lkspec.targets import TargetTensors
 
@@ -221,15 +222,28 @@ class Eagle3(Draft):
         self.embed_tokens.weight.copy_(tensors().embedding.to(self.embed_tokens.weight))
 
     @torch.no_grad()
-    def init_from_target(self, tensors: TargetTensors, docs: Callable[[], Iterable[Any]]) -> InitReport:
-        """The head starts as the target's lm_head (its kept rows) behind the target's final-norm scale."""
+    def init_from_target(self, tensors: TargetTensors, docs: Callable[[], Iterable[Doc]]) -> InitReport:
+        """Start as a linear two-ahead predictor: the head is the target's lm_head (its kept rows) behind the
+        target's final-norm scale, fc is the ridge map from the aux states at t to the target's next normalised
+        state x_{t+1} (which the head turns into token t+2, what step 1 predicts), and the layer's two residual
+        branches (o_proj, down_proj) start at zero, so the untrained draft is exactly that linear map. Training
+        then has to learn what only attention can add: the drafted token y_{t+1} and the context."""
         self.embed_tokens.weight.copy_(tensors.embedding.to(self.embed_tokens.weight))
-        rows = tensors.lm_head if self.token_map is None else tensors.lm_head[self.token_map.cpu()]
-        self.lm_head.weight.copy_(rows)
-        if tensors.norm_scale is not None:
-            self.norm.weight.copy_(tensors.norm_scale)
-        return InitReport({"lm_head": int(rows.shape[0])}, "final norm" if tensors.norm_scale is not None
-                          else "scalar")
+        first = [d for _, d in zip(range(64), docs(), strict=False)]
+        basis = TargetBasis.of(tensors, first)
+        eq = NormalEquations(self.fc.in_features, self.config.hidden_size)
+        for d in docs():
+            if d.aux is None:
+                raise LkspecError("a target-initialised eagle3 draft is fitted on aux states; extract the features "
+                                  f"with --aux-layers {','.join(map(str, self.aux_layers))}")
+            if len(d) > 1:
+                eq.add(d.aux[:-1].float().cpu(), basis.state(d.hidden[1:]))
+        self.fc.weight.copy_(eq.solve().T)
+        self.lm_head.weight.copy_(tensors.lm_head if self.token_map is None else tensors.lm_head[self.token_map.cpu()])
+        self.norm.weight.copy_(basis.scale)
+        self.midlayer.self_attn.o_proj.weight.zero_()
+        self.midlayer.mlp.down_proj.weight.zero_()
+        return InitReport({"fc": eq.rows}, "final norm" if tensors.norm_scale is not None else "scalar")
 
     def head_weight(self, k: int) -> torch.Tensor:
         return self.lm_head.weight

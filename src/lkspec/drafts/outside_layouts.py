@@ -67,6 +67,7 @@ class Plan:
     scale: dict[str, float] = field(default_factory=dict)
     offset: dict[str, bool] = field(default_factory=dict)  # lkspec name -> read as arange(n) + the tensor (d2t)
     skip: set[str] = field(default_factory=set)  # original keys that carry nothing lkspec keeps (t2d)
+    from_target: set[str] = field(default_factory=set)  # lkspec names the layout may leave to the target
     unknown: list[str] = field(default_factory=list)  # original keys with no place
     layout: str = "vllm"
     notes: list[str] = field(default_factory=list)
@@ -196,6 +197,7 @@ def plan_eagle3(raw: dict[str, Any], scan: dict[str, tuple[Path, tuple[int, ...]
         sources["token_map"] = sources.pop("d2t")
         plan.offset["token_map"] = True
     plan.skip = {k for k in scan if k.endswith("t2d")}
+    plan.from_target = {"embed_tokens.weight"}  # the authors' checkpoints leave it out (frozen, the target's)
     H, V = int(_need(v, "hidden_size", d)), int(_need(v, "vocab_size", d))
     N = int(v.get("draft_vocab_size") or V)
     plan.config = {

@@ -106,7 +106,7 @@ def load_drafts(paths: Sequence[str | Path], target: Target, labels: Sequence[st
         raise LkspecError(f"got {len(labels)} labels for {len(paths)} drafts; pass one --label per draft or none")
     out = []
     for i, p in enumerate(paths):
-        draft = load_draft(p, target=target.identity, device=target.device).eval()
+        draft = load_draft(p, target=target.identity, device=target.device, tables=target.init_tensors).eval()
         label = labels[i] if labels else Path(p).resolve().name
         out.append(DraftEntry(label, str(p), draft))
     seen: dict[str, int] = {}

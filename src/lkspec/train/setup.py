@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -163,13 +163,14 @@ def draft_aux_layers(d: DraftOptions, identity: TargetIdentity, target_config: A
 
 
 def new_draft(cfg: TrainConfig, identity: TargetIdentity, init_from: str | Path | None = None,
-              vocab: int | None = None, target_config: Any = None) -> Draft:
+              vocab: int | None = None, target_config: Any = None,
+              tables: Callable[[], TargetTensors] | None = None) -> Draft:
     """The run's draft: seeded random init, or the weights of `init_from` (same options required)."""
     d = cfg.draft
     draft = build_draft(d.arch, seed=cfg.seed, hidden_size=identity.hidden_size, vocab_size=identity.vocab_size,
                         **arch_options(d, identity, target_config, vocab))
     if init_from is not None:
-        src = load_draft(init_from, target=identity)
+        src = load_draft(init_from, target=identity, tables=tables)
         if src.config != draft.config:
             have = src.config.model_dump(exclude={"hidden_size", "vocab_size"})
             raise LkspecError(
@@ -235,7 +236,7 @@ def build_setup(config: TrainConfig, run: Path, *, store: DocSource | None, teac
                      batch_tokens=cfg.data.batch_tokens, where=str(store.path))
     dev = ctx.device
     vocab = draft_vocab_size(cfg, teacher.identity)
-    draft = new_draft(cfg, teacher.identity, init_from, vocab, teacher.config)
+    draft = new_draft(cfg, teacher.identity, init_from, vocab, teacher.config, teacher.init_tensors)
     store.check_aux_layers(list(draft.aux_layers), f"the {draft.arch} draft")
     notes = start_from_data(draft, cfg, store, plan, teacher) if not resume and init_from is None else {}
     if cfg.draft.freeze:
