@@ -270,7 +270,7 @@ def test_aux_states_are_hf_hidden_states_and_survive_the_store(tiny_target, tmp_
     hs = tiny_target.model(input_ids=ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(aux, torch.cat([hs[0], hs[2]], -1))
     torch.testing.assert_close(last, tiny_target.hidden_states(ids))
-    with pytest.raises(LkspecError, match="outside the target's 0..2"):
+    with pytest.raises(LkspecError, match=r"outside the target's 0\.\.2"):
         tiny_target.states(ids, None, [1, 3])
 
     def write(path, layers):
@@ -344,7 +344,7 @@ def test_authors_layout_without_embedding_loads_with_its_target(tmp_path):
     save_file(tensors, str(out / "model.safetensors"))
     write_json(out / "config.json", cfg)
     assert read_checkpoint(out).from_target == ["embed_tokens.weight"] and read_checkpoint(out).layout == "vllm"
-    with pytest.raises(LkspecError, match="leaves embed_tokens.weight to its target"):
+    with pytest.raises(LkspecError, match=r"leaves embed_tokens\.weight to its target"):
         load_draft(out)
     back = load_draft(out, tables=lambda: TargetTensors(emb, emb, None))
     assert back.config.num_heads == 6  # the layout does not say K: the default (speculators' configs do)
