@@ -352,3 +352,18 @@ def test_authors_layout_without_embedding_loads_with_its_target(tmp_path):
     for a, b in zip(d(feats.float(), ids), back(feats.float(), ids), strict=False):
         torch.testing.assert_close(a, b)
     assert set(load_file(str(out / "model.safetensors"))) >= {"d2t", "t2d", "midlayer.hidden_norm.weight"}
+
+
+def test_a_recurrent_draft_drafts_more_steps_than_it_was_trained_for():
+    """EAGLE-3 is trained with 6 steps and evaluated at K = 7: the extra step reuses the same weights."""
+    from lkspec.errors import LkspecError
+
+    d = tiny()
+    longer = d.with_num_heads(6)
+    feats, ids = data()
+    short, long = d(feats, ids), longer(feats, ids)
+    assert len(long) == 6
+    for a, b in zip(short, long, strict=False):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(LkspecError, match="use --k 6 or fewer"):
+        build_draft("medusa", hidden_size=16, vocab_size=50).with_num_heads(7)

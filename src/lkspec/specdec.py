@@ -125,10 +125,8 @@ class SpeculativeGenerator:
             if draft is None:
                 raise LkspecError(f"proposer {proposer!r} needs a trained draft; pass one, or use --proposer ngram")
             check_draft_target(draft.config, target.identity)
-            heads = draft.num_heads
-            self.k = heads if k is None else k
-            if self.k > heads:
-                raise LkspecError(f"K = {self.k} but the draft has {heads} heads; use --k {heads} or fewer")
+            self.k = draft.num_heads if k is None else k
+            draft = draft.with_num_heads(max(self.k, draft.num_heads))  # a recurrent draft drafts any K
             draft = draft.to(target.device).eval()
         else:
             self.k = 6 if k is None else k

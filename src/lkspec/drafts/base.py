@@ -135,6 +135,7 @@ class Draft(torch.nn.Module, ABC):
         return total
 
     attends: ClassVar[bool] = False  # head_states reads other positions than its anchor's chain (needs `segments`)
+    recurrent: ClassVar[bool] = False  # every step shares the weights: it drafts any K (see `with_num_heads`)
 
     @abstractmethod
     def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -161,6 +162,18 @@ class Draft(torch.nn.Module, ABC):
     aux_layers: tuple[int, ...] = ()
     """The target layers this draft reads (HF `output_hidden_states` indices, concatenated); empty: the post-norm
     final state, the one the lm_head reads."""
+
+    def with_num_heads(self, k: int) -> Draft:
+        """This draft drafting k tokens per round. A recurrent draft (one set of weights for every step) runs any
+        number of steps: EAGLE-3 is trained with 6 and evaluated at 7, as its authors and the LK paper do."""
+        if k == self.num_heads:
+            return self
+        if not self.recurrent:
+            raise LkspecError(f"K = {k} but the draft has {self.num_heads} heads; use --k {self.num_heads} or fewer")
+        p = next(self.parameters())
+        new = type(self)(self.config.model_copy(update={"num_heads": k})).to(device=p.device, dtype=p.dtype)
+        new.load_state_dict(self.state_dict())
+        return new.train(self.training)
 
     @property
     def input_width(self) -> int:

@@ -75,7 +75,7 @@ def target_geometry(target_config: Any) -> dict[str, Any]:
     heads = int(target_config.num_attention_heads)
     hidden = int(target_config.hidden_size)
     return {
-        "aux_layers": [2, L // 2, L - 3],
+        "aux_layers": sorted({min(2, L), L // 2, max(L - 3, 0)}),  # vLLM's (2, L // 2, L - 3); distinct when L < 6
         "num_attention_heads": heads,
         "num_key_value_heads": int(getattr(target_config, "num_key_value_heads", None) or heads),
         "head_dim": int(getattr(target_config, "head_dim", None) or hidden // heads),
@@ -186,6 +186,7 @@ class Eagle3(Draft):
     title = "EAGLE-3"
     default_eta = 3.0
     attends = True
+    recurrent = True
     config: Eagle3Config
 
     def __init__(self, config: Eagle3Config) -> None:

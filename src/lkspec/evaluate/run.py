@@ -127,6 +127,10 @@ def resolve_k(drafts: Sequence[DraftEntry], k: int | None) -> int:
     heads = min(e.draft.num_heads for e in drafts)
     if k is None:
         return heads
+    for e in drafts:  # a recurrent draft (EAGLE-3) drafts any K: the authors evaluate it at 7 after 6 trained steps
+        if k > e.draft.num_heads and e.draft.recurrent:
+            e.draft = e.draft.with_num_heads(k)
+    heads = min(e.draft.num_heads for e in drafts)
     if k > heads:
         worst = min(drafts, key=lambda e: e.draft.num_heads)
         raise LkspecError(f"K = {k} but draft {worst.label!r} has only {worst.draft.num_heads} heads; use --k {heads} "
