@@ -76,6 +76,30 @@ def random_eagle3(hidden: int, vocab: int, cfg: dict, seed: int):
     return d
 
 
+def vllm_slice(name: str, model) -> torch.Tensor | None:
+    """The part of vLLM's parameter our tensor `name` was loaded into (its stacked qkv / gate_up included)."""
+    params = dict(model.named_parameters())
+    if name == "d2t":
+        return params.get("draft_id_to_target_id")
+    n = name.replace("midlayer.", "layers.0.", 1)
+    n = n if n.startswith("lm_head") else "model." + n
+    attn = model.model.layers[0].self_attn
+    for part, (stacked, rows) in {
+        ".q_proj.": (".qkv_proj.", (0, attn.q_size)),
+        ".k_proj.": (".qkv_proj.", (attn.q_size, attn.q_size + attn.kv_size)),
+        ".v_proj.": (".qkv_proj.", (attn.q_size + attn.kv_size, attn.q_size + 2 * attn.kv_size)),
+    }.items():
+        if part in n:
+            return params[n.replace(part, stacked)][rows[0] : rows[1]]
+    mlp = model.model.layers[0].mlp.gate_up_proj
+    half = mlp.weight.shape[0] // 2
+    if ".gate_proj." in n:
+        return params[n.replace(".gate_proj.", ".gate_up_proj.")][:half]
+    if ".up_proj." in n:
+        return params[n.replace(".up_proj.", ".gate_up_proj.")][half:]
+    return params.get(n)
+
+
 def run_eagle3_case(label: str, cfg: dict, dtype: str, fmt: str, work: Path, hidden: int, vocab: int,
                     seed: int) -> dict:
     import vllm.model_executor.models.llama as vllm_llama
@@ -101,15 +125,25 @@ def run_eagle3_case(label: str, cfg: dict, dtype: str, fmt: str, work: Path, hid
     draft_model = SimpleNamespace(hf_config=hf, quantization=None, hf_text_config=hf)
     vc.speculative_config = SimpleNamespace(draft_model_config=draft_model, parallel_drafting=False)  # type: ignore
     vc.model_config = SimpleNamespace(get_total_num_hidden_layers=lambda: 30, get_vocab_size=lambda: vocab,  # type: ignore
-                                      dtype=torch.float32)
+                                      dtype=torch.float32, head_dtype=torch.float32)
     problems: list[str] = []
     with set_current_vllm_config(vc):
         model = Eagle3LlamaForCausalLM(vllm_config=vc).float()
         params = dict(model.named_parameters())
-        loaded = model.load_weights(safetensors_weights_iterator([str(f) for f in files], use_tqdm_on_load=False))
-        if set(params) - set(loaded):
-            problems.append(f"not loaded: {sorted(set(params) - set(loaded))}")
+        with torch.no_grad():  # its load_weights returns nothing here: a parameter still NaN was not loaded
+            for t in params.values():
+                t.fill_(-(2**40)) if not t.is_floating_point() else t.fill_(float("nan"))
+        model.load_weights(safetensors_weights_iterator([str(f) for f in files], use_tqdm_on_load=False))
+        missing = [n for n, t in params.items()
+                   if (t.isnan().any() if t.is_floating_point() else (t == -(2**40)).any())]
+        if missing:
+            problems.append(f"not loaded: {missing}")
+        loaded = [n for n in params if n not in missing]
         took = {n for n in ours if n != "t2d"}
+        for name in sorted(took):  # and every tensor of ours is in a vLLM parameter, values equal
+            value, where = ours[name].float(), vllm_slice(name, model)
+            if where is None or not torch.equal(where[: value.shape[0]].float(), value):  # vLLM pads vocab rows
+                problems.append(f"our {name} is not what vLLM loaded ({'no parameter' if where is None else 'values'})")
         for module in model.modules():
             qm = getattr(module, "quant_method", None)
             if qm is not None and hasattr(qm, "process_weights_after_loading"):
@@ -124,13 +158,14 @@ def run_eagle3_case(label: str, cfg: dict, dtype: str, fmt: str, work: Path, hid
             CachedAttention.mode = "context"
             x = model.model.fc(aux)
             pos = torch.arange(T - 1)
-            post, pre = model(ids[0, 1:T], pos, x[: T - 1])  # step 1 at positions 0..T-2: pair (aux_t, y_{t+1})
+            # step 1 at positions 0..T-2, pairs (aux_t, y_{t+1}); the undecorated forward (no torch.compile)
+            post, pre = model.model.forward(ids[0, 1:T], pos, x[: T - 1])
             theirs1 = model.compute_logits(post)
             chain = [theirs1[anchor]]
             CachedAttention.mode, CachedAttention.anchor = "chain", anchor
             h = pre[anchor : anchor + 1]
             for j in range(2, K + 1):  # teacher-forced: step j reads y_{anchor+j} at position anchor + j - 1
-                post, h = model(ids[0, anchor + j : anchor + j + 1], torch.tensor([anchor + j - 1]), h)
+                post, h = model.model.forward(ids[0, anchor + j : anchor + j + 1], torch.tensor([anchor + j - 1]), h)
                 chain.append(model.compute_logits(post)[0])
     kept = src.token_map if src.token_map is not None else torch.arange(vocab)
     a1, b1 = lk[0][0][:, kept], theirs1[:, kept]

@@ -1,4 +1,5 @@
-"""Exports against vLLM 0.32.0's own MLPSpeculator / Medusa classes (CPU), via scripts/check_vllm_load.sh.
+"""Exports against vLLM 0.32.0's own MLPSpeculator / Medusa / Eagle3LlamaForCausalLM classes (CPU), via
+scripts/check_vllm_load.sh.
 
 Opt-in: needs a separate venv with vLLM (the script creates it: ~1.5 min, ~2.2 GB, PyPI access) and takes
 about a minute once the venv exists. Run with `LKSPEC_VLLM_CHECK=1 python -m pytest -m vllm`.
@@ -26,7 +27,8 @@ def test_vllm_own_classes_load_our_exports(tmp_path: Path) -> None:
     result = json.loads(report.read_text())
     assert result["vllm"] == "0.32.0" and result["ok"]
     cases = {c["case"]: c for c in result["cases"]}
-    assert {c["method"] for c in cases.values()} == {"mlp_speculator", "medusa"}
+    assert {c["method"] for c in cases.values()} == {"mlp_speculator", "medusa", "eagle3"}
     for c in cases.values():
         assert c["loaded"] == c["vllm_params"] and c["rel_gap_vs_lkspec_import"] < 1e-5, c
     assert cases["MLP tied + scale_input"]["ignored_tied_copies"] == 19  # written for vLLM 0.32's per-stage heads
+    assert {c["format"] for c in cases.values() if c["method"] == "eagle3"} == {"vllm", "speculators"}

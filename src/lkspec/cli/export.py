@@ -14,8 +14,9 @@ OutOpt = Annotated[Path, typer.Option(
     "--out", help="Output directory (built atomically; refused if it exists unless --overwrite).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Tensor dtype of the export: bf16, fp16 or fp32.")]
 FormatOpt = Annotated[str, typer.Option(
-    "--format", help="vllm: vLLM's own layout (MLP-Speculator or MEDUSA); arctic: the ArcticInference plugin's "
-    "MLP-Speculator layout (architectures ArcticMLPSpeculatorPreTrainedModel + base_model_archs).")]
+    "--format", help="vllm: vLLM's own layout (MLP-Speculator, MEDUSA, or EAGLE-3's native LlamaForCausalLMEagle3); "
+    "speculators: vllm-project/speculators' EAGLE-3 layout; arctic: the ArcticInference plugin's MLP-Speculator "
+    "layout (architectures ArcticMLPSpeculatorPreTrainedModel + base_model_archs).")]
 HeadsOpt = Annotated[int | None, typer.Option(
     "--num-speculative-tokens", "-k", help="Heads to export (default: all K of the draft). Fewer keeps the first "
     "n heads computing exactly what they did; more than the draft has is an error.")]

@@ -16,7 +16,7 @@ from lkspec.errors import LkspecError
 from lkspec.train.config import CONFIG_YAML, TrainConfig, build_config
 
 HELP = (
-    "Train a draft (MLP-Speculator or MEDUSA) on cached target features.\n\n"
+    "Train a draft (MLP-Speculator, MEDUSA or EAGLE-3) on cached target features.\n\n"
     "Defaults are the LK-losses paper's recipe: AdamW (0.9, 0.95), lr 4e-4, cosine with 100 warm-up steps, "
     "grad-clip 0.5, batch 64, 10 epochs, K=6, gamma 0.8, lk_hybrid with eta 3 (MLP) / 10 (MEDUSA).\n\n"
     "OUT becomes a draft directory (the draft with the best held-out simulated tau) plus metrics.jsonl, "

@@ -270,7 +270,8 @@ class Draft(torch.nn.Module, ABC):
         return {}
 
     def vocab_parameters(self) -> list[torch.nn.Parameter]:
-        """The vocabulary-sized tensors (heads, token embeddings): what draft.freeze keeps fixed."""
+        """What draft.freeze keeps fixed: the vocabulary-sized tensors (heads, token embeddings), and whatever else
+        an architecture copies from or fits to the target (EAGLE-3's fc)."""
         return []
 
     # ----- the vLLM layout -------------------------------------------------------------------

@@ -57,8 +57,8 @@ class DraftOptions(StrictModel):
                                      "one per line) instead of choosing them from the training data.")
     vocab_rank: Literal["mass", "count"] = Field("mass", description="How the kept tokens are chosen: the "
                                                  "target's probability mass on the training responses, or counts.")
-    freeze: bool = Field(False, description="Keep the vocabulary-sized tensors (heads, token embeddings) fixed: "
-                         "no weight gradients, less compute (meant for init=target).", **flag())
+    freeze: bool = Field(False, description="Keep the vocabulary-sized tensors (heads, token embeddings; EAGLE-3's "
+                         "fitted fc too) fixed: no weight gradients, less compute (meant for init=target).", **flag())
 
     def options(self, draft_vocab_size: int | None = None, hidden_size: int | None = None) -> dict[str, Any]:
         """Architecture options the user set (the draft config fills in the rest); with the target's
