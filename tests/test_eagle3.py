@@ -294,9 +294,11 @@ def test_aux_states_are_hf_hidden_states_and_survive_the_store(tiny_target, tmp_
     assert mb.aux.shape == (1, 18, 2 * tiny_target.hidden_size) and mb.doc_ids[0, 9] == 1
 
 
-def test_target_init_is_the_fitted_linear_two_ahead_predictor():
-    """An untrained target-initialised draft predicts token t+2 as the ridge map of the aux states at t does:
-    here the next state is an exact linear function of them, so head 1's logits are the target's own at t+1."""
+def test_target_init_is_the_fitted_linear_predictor_token_included():
+    """An untrained target-initialised draft predicts token t+2 as the ridge map of (the aux states at t, the token
+    y_{t+1}) does: here the next state is an exact linear function of both, so head 1's logits point where the
+    target's own at t+1 do. The token can only reach the state through attention: without its path (o_proj zeroed)
+    the prediction is much worse."""
     from lkspec.data.source import Doc
     from lkspec.targets import TargetTensors
 
@@ -304,24 +306,30 @@ def test_target_init_is_the_fitted_linear_two_ahead_predictor():
     H, V = 16, 50
     lm_head, emb = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
     scale = torch.rand(H, generator=g) + 0.5
-    M = torch.randn(3 * H, H, generator=g)
+    M, N = torch.randn(3 * H, H, generator=g) * 0.2, torch.randn(H, H, generator=g)
+    e = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
     docs = []
-    for r in range(6):
-        aux = torch.randn(40, 3 * H, generator=g)
-        x = aux @ M
-        h = torch.cat([torch.zeros(1, H), scale * x[:-1] / x[:-1].pow(2).mean(-1, keepdim=True).sqrt()])
-        docs.append(Doc(r, torch.randint(0, V, (40,), generator=g), torch.ones(40, dtype=torch.bool), h, aux=aux))
+    for r in range(8):
+        aux, ids = torch.randn(40, 3 * H, generator=g), torch.randint(0, V, (40,), generator=g)
+        x = aux[:-1] @ M + e[ids[1:]] @ N  # the state after position t: from a_t and the token y_{t+1}
+        h = torch.cat([torch.zeros(1, H), scale * x / x.pow(2).mean(-1, keepdim=True).sqrt()])
+        docs.append(Doc(r, ids, torch.ones(40, dtype=torch.bool), h, aux=aux))
     d = tiny()
     d.init_from_target(TargetTensors(lm_head, emb, scale), lambda: iter(docs))
     assert torch.equal(d.embed_tokens.weight.float(), emb)
     doc = docs[0]
-    with torch.no_grad():
-        head1 = d(doc.aux[None].double(), doc.input_ids[None])[0][0]  # anchors 0..38 predict token t+2
+
+    def cos_to_target() -> torch.Tensor:
+        with torch.no_grad():
+            head1 = d(doc.aux[None].double(), doc.input_ids[None])[0][0]  # anchors 0..38 predict token t+2
         target = doc.hidden[1:].double() @ lm_head.double().T  # head 1 at anchor t is taught by h_{t+1}
-        # head k >= 2 starts as head 1 (the residual branches are zero): the chain copies its state
-        torch.testing.assert_close(d(doc.aux[None].double(), doc.input_ids[None])[1][0], head1[:-1])
-    cos = torch.nn.functional.cosine_similarity(head1, target, dim=-1)
-    assert cos.min() > 0.99, cos.min()
+        return torch.nn.functional.cosine_similarity(head1, target, dim=-1)
+
+    cos = cos_to_target()
+    assert cos.mean() > 0.9, (cos.mean(), cos.min())  # attention is not exactly self where embeddings are close
+    with torch.no_grad():
+        d.midlayer.self_attn.o_proj.weight.zero_()
+    assert cos_to_target().mean() < cos.mean() - 0.1
 
 
 def test_authors_layout_without_embedding_loads_with_its_target(tmp_path):

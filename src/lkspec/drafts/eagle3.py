@@ -86,31 +86,8 @@ def target_geometry(target_config: Any) -> dict[str, Any]:
     }
 
 
-SCALES = torch.linspace(0.05, 1.0, 20)
-
-
-@torch.no_grad()
-def calibrated_scale(docs: list[Doc], fc: torch.Tensor, basis: TargetBasis, rows: torch.Tensor,
-                     max_rows: int = 4096) -> float:
-    """The logit scale c that minimises KL(p || q) of the linear start on `docs` (p: the target at t+1 over the
-    kept rows, renormalised as the truncated loss does). A ridge prediction is an average of possible next states
-    renormalised to the target's own RMS, so at c = 1 it is as confident as the target while pointing between
-    tokens; left so, the first steps of training spend themselves flattening it (held-out alpha 0.22 -> 0.14 after
-    one epoch in a measured run). Calibrated, training starts where KL's gradient has no global-scale part."""
-    xs, ps = [], []
-    for d in docs:
-        if d.aux is not None and len(d) > 1:
-            xs.append(rms_normalise(d.aux[:-1].float() @ fc.T))
-            ps.append(d.hidden[1:].float())
-    if not xs:
-        return 1.0
-    x, h = torch.cat(xs)[:max_rows], torch.cat(ps)[:max_rows]
-    head = (rows * basis.scale).float()  # logits of a unit-RMS state
-    logp = torch.log_softmax(h @ rows.float().T, -1)  # the target over the kept rows, renormalised
-    base = x @ head.T
-    kl = [float((logp.exp() * (logp - torch.log_softmax(c * base, -1))).sum(-1).mean()) for c in SCALES]
-    return float(SCALES[int(torch.tensor(kl).argmin())])
-
+SCALES = torch.linspace(0.05, 1.0, 20)  # logit scales the target initialisation tries
+SELF_ATTENTION_LOGIT = 12.0  # a token's mean attention logit on itself in the target initialisation
 
 class RMSNorm(nn.Module):
     """Llama's: x * rsqrt(mean(x^2) + eps) * weight, normalised in fp32."""
@@ -253,29 +230,78 @@ class Eagle3(Draft):
 
     @torch.no_grad()
     def init_from_target(self, tensors: TargetTensors, docs: Callable[[], Iterable[Doc]]) -> InitReport:
-        """Start as a linear two-ahead predictor: the head is the target's lm_head (its kept rows) behind the
-        target's final-norm scale, fc is the ridge map from the aux states at t to the target's next normalised
-        state x_{t+1} (which the head turns into token t+2, what step 1 predicts), and the layer's two residual
-        branches (o_proj, down_proj) start at zero, so the untrained draft is exactly that linear map. Training
-        then has to learn what only attention can add: the drafted token y_{t+1} and the context."""
+        """Start as a linear predictor of the target's next state from the aux states at t *and* the token y_{t+1}
+        (the MLP-Speculator's start, `target_init`), realised in the layer's own weights:
+
+        * the ridge fit x_{t+1} ~ A a_t + B e_{t+1} over the training features (e the RMS-normalised embedding, as
+          input_layernorm gives it; x the target's next normalised state, which its lm_head turns into token t+2);
+        * fc = A; the head is the target's lm_head (kept rows) behind its final-norm scale, calibrated;
+        * the token enters through attention, the one path it has: queries and keys read the embedding half of
+          the input through its top principal directions with a large gain, so each position attends to itself
+          (or to positions with the same next token, whose values are equal); values read the embedding and
+          o_proj maps them to B e (a rank nkv * head_dim factorisation of B, 192 of 576 for SmolLM2's GQA);
+        * the MLP's down_proj starts at zero. Later steps add B e of their token to the previous state.
+        """
+        H = self.config.hidden_size
         self.embed_tokens.weight.copy_(tensors.embedding.to(self.embed_tokens.weight))
         first = [d for _, d in zip(range(64), docs(), strict=False)]
         basis = TargetBasis.of(tensors, first)
-        eq = NormalEquations(self.fc.in_features, self.config.hidden_size)
+        emb = rms_normalise(tensors.embedding.float())
+        A_in = self.fc.in_features
+        eq = NormalEquations(A_in + H, H)
         for d in docs():
             if d.aux is None:
                 raise LkspecError("a target-initialised eagle3 draft is fitted on aux states; extract the features "
                                   f"with --aux-layers {','.join(map(str, self.aux_layers))}")
             if len(d) > 1:
-                eq.add(d.aux[:-1].float().cpu(), basis.state(d.hidden[1:]))
-        fc = eq.solve().T
-        self.fc.weight.copy_(fc)
+                eq.add(torch.cat([d.aux[:-1].float().cpu(), emb[d.input_ids[1:].long()]], 1), basis.state(d.hidden[1:]))
+        sol = eq.solve()
+        A, B = sol[:A_in], sol[A_in:]  # x = a @ A + e @ B
+        self.fc.weight.copy_(A.T)
+        attn = self.midlayer.self_attn
+        nkv, d, rep = attn.nkv, attn.d, attn.nh // attn.nkv
+        used = emb[torch.unique(torch.cat([x.input_ids for x in first]))] if first else emb
+        pcs = torch.linalg.svd(used - used.mean(0), full_matrices=False).Vh[:d]  # [d, H]: where tokens differ
+        gain = (SELF_ATTENTION_LOGIT * math.sqrt(d) / float((used @ pcs.T).pow(2).sum(-1).mean())) ** 0.5
+        U, S, Vh = torch.linalg.svd(B.T, full_matrices=False)  # B.T = U S Vh: e -> its contribution to x
+        r = min(nkv * d, H)
+        for w in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight):
+            w.zero_()
+        for g in range(nkv):
+            attn.k_proj.weight[g * d : (g + 1) * d, :H] = gain * pcs
+            for h in range(g * rep, (g + 1) * rep):
+                attn.q_proj.weight[h * d : (h + 1) * d, :H] = gain * pcs
+            lo, hi = g * d, min((g + 1) * d, r)
+            if lo < hi:  # value head g carries components lo..hi of B; the group's first query head passes them on
+                attn.v_proj.weight[g * d : g * d + hi - lo, :H] = Vh[lo:hi]
+                attn.o_proj.weight[:, g * rep * d : g * rep * d + hi - lo] = U[:, lo:hi] * S[lo:hi]
+        self.midlayer.mlp.down_proj.weight.zero_()
         rows = tensors.lm_head if self.token_map is None else tensors.lm_head[self.token_map.cpu()]
         self.lm_head.weight.copy_(rows)
-        self.norm.weight.copy_(basis.scale * calibrated_scale(first, fc, basis, rows))
-        self.midlayer.self_attn.o_proj.weight.zero_()
-        self.midlayer.mlp.down_proj.weight.zero_()
-        return InitReport({"fc": eq.rows}, "final norm" if tensors.norm_scale is not None else "scalar")
+        self.norm.weight.copy_(basis.scale)
+        self.norm.weight.mul_(self.calibrated_scale(first, rows))
+        return InitReport({"linear fit": eq.rows}, "final norm" if tensors.norm_scale is not None else "scalar")
+
+    @torch.no_grad()
+    def calibrated_scale(self, docs: list[Doc], rows: torch.Tensor, max_tokens: int = 4096) -> float:
+        """The logit scale c that minimises step 1's KL(p || q) on `docs` (p: the target at t+1 over the kept rows,
+        renormalised as the truncated loss does). A least-squares prediction averages the possible next states and
+        is renormalised to the target's own RMS, so at c = 1 it is as confident as the target while pointing
+        between tokens; left so, training's first steps spend themselves flattening it. Calibrated, KL's gradient
+        has no global-scale part at the start (measured: held-out KL 4.06 -> 3.22 at the same alpha)."""
+        zs, ps, n = [], [], 0
+        for d in docs:
+            if d.aux is None or len(d) < 2 or n >= max_tokens:
+                continue
+            zs.append(self(d.aux[None], d.input_ids[None])[0][0].float()[:, self.token_map
+                                                                        if self.token_map is not None else slice(None)])
+            ps.append(d.hidden[1:].float() @ rows.float().T)
+            n += len(d) - 1
+        if not zs:
+            return 1.0
+        z, logp = torch.cat(zs), torch.log_softmax(torch.cat(ps), -1)
+        kl = [float((logp.exp() * (logp - torch.log_softmax(k * z, -1))).sum(-1).mean()) for k in SCALES]
+        return float(SCALES[int(torch.tensor(kl).argmin())])
 
     def head_weight(self, k: int) -> torch.Tensor:
         return self.lm_head.weight
