@@ -83,6 +83,9 @@ class PipelineConfig(StrictModel):
     arch_options: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                     description="per-arch draft options, e.g. mlp_speculator: "
                                                                 "{inner_dim: 256}")
+    arch_train: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                  description="per-arch training settings over `train`, e.g. eagle3: "
+                                                              "{optim: {lr: 1.0e-3}}")
     data: DataSection = Field(default_factory=DataSection)
     train: dict[str, Any] = Field(default_factory=dict)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -99,9 +102,10 @@ class PipelineConfig(StrictModel):
         for key in ("target", "features"):
             if key in self.train:
                 raise ValueError(f"train.{key} is set by the pipeline; remove it (use the top-level target)")
-        for arch in self.arch_options:
+        for arch in [*self.arch_options, *self.arch_train]:
             if arch not in DRAFTS:
-                raise ValueError(f"arch_options has unknown architecture {arch!r}; choose from {', '.join(DRAFTS)}")
+                raise ValueError(f"arch_options / arch_train name an unknown architecture {arch!r}; choose from "
+                                 f"{', '.join(DRAFTS)}")
         for arch in self.archs:
             if arch not in DRAFTS:
                 raise ValueError(f"unknown architecture {arch!r} in archs; choose from {', '.join(DRAFTS)}")
@@ -127,6 +131,7 @@ class PipelineConfig(StrictModel):
     def train_config(self, arch: str, loss: str, out: Path) -> Any:
         overrides = {
             **flatten(self.train),
+            **flatten(self.arch_train.get(arch, {})),
             "target": self.target,
             "features": str(out / "data" / "features"),
             "draft.arch": arch,

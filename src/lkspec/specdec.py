@@ -2,8 +2,9 @@
 
 One round, with the target's KV cache holding every position before the last emitted token:
 
-1. the draft proposes K tokens from h (the target's post-norm state that produced the last emitted
-   token) and that token (`Draft.propose`);
+1. the draft proposes K tokens from its context (`Draft.propose_in`): for a local draft, h (the target's
+   post-norm state that produced the last emitted token) and that token; for EAGLE-3, its KV cache over every
+   accepted position, extended after each round with the target's aux states there;
 2. ONE target pass over [last token, d_1 .. d_K] gives p at the K+1 positions;
 3. Leviathan et al.: accept d_i with probability min(1, p(d_i)/q(d_i)); at the first rejection emit a
    token from norm(max(0, p - q)) and stop; if all K pass, emit a bonus token from p;
@@ -265,8 +266,10 @@ class SpeculativeGenerator:
             crop_cache(cache, base + 1 + j)  # keep `last` and the accepted drafts
             last = torch.tensor([new[-1]], device=dev)
             if ctx is not None:  # pairs at `last`'s old position and the accepted drafts' (the draft's own are gone)
+                clock.lap("bookkeeping")
                 self.draft.extend(ctx, select_features(passed, layers)[:, : j + 1],  # type: ignore[union-attr]
                                   torch.tensor([new], device=dev))
+                clock.lap("propose")  # the draft's forward over the new context (EAGLE-3's KV), as in propose
             log.append((len(out), j))
             drafted.append(int(drafts.shape[0]))
             new = new[: max_new_tokens - len(out)]

@@ -35,6 +35,7 @@ from torch import nn
 
 from lkspec.data.source import Doc
 from lkspec.drafts.base import Draft, DraftConfig, register
+from lkspec.drafts.llama_layer import MidLayer, RMSNorm
 from lkspec.drafts.target_init import InitReport, NormalEquations, TargetBasis, rms_normalise
 from lkspec.errors import LkspecError
 from lkspec.targets import TargetTensors
@@ -88,84 +89,6 @@ def target_geometry(target_config: Any) -> dict[str, Any]:
 
 SCALES = torch.linspace(0.05, 1.0, 20)  # logit scales the target initialisation tries
 SELF_ATTENTION_LOGIT = 12.0  # a token's mean attention logit on itself in the target initialisation
-
-class RMSNorm(nn.Module):
-    """Llama's: x * rsqrt(mean(x^2) + eps) * weight, normalised in fp32."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, c: Eagle3Config) -> None:
-        super().__init__()
-        H, nh, nkv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.nh, self.nkv, self.d = nh, nkv, d
-        self.q_proj = nn.Linear(2 * H, nh * d, bias=False)
-        self.k_proj = nn.Linear(2 * H, nkv * d, bias=False)
-        self.v_proj = nn.Linear(2 * H, nkv * d, bias=False)
-        self.o_proj = nn.Linear(nh * d, H, bias=False)
-        self.register_buffer("inv_freq", 1.0 / c.rope_theta ** (torch.arange(0, d, 2).float() / d), persistent=False)
-
-    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Llama's rotary embedding (rotate-half layout) of x [B, n, T, d] at positions pos [T] or [B, T]."""
-        ang = pos.to(self.inv_freq.device).float()[..., None] * self.inv_freq
-        ang = torch.cat([ang, ang], -1)
-        if ang.dim() == 3:
-            ang = ang[:, None]
-        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-        x1, x2 = x[..., : self.d // 2], x[..., self.d // 2 :]
-        return x * cos + torch.cat([-x2, x1], -1) * sin
-
-    def qkv(self, u: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, T, 2H] -> q [B, nh, T, d], k and v [B, nh, T, d] (key/value heads repeated for grouped queries)."""
-        B, T, _ = u.shape
-        q = self.q_proj(u).view(B, T, self.nh, self.d).transpose(1, 2)
-        k = self.k_proj(u).view(B, T, self.nkv, self.d).transpose(1, 2)
-        v = self.v_proj(u).view(B, T, self.nkv, self.d).transpose(1, 2)
-        rep = self.nh // self.nkv
-        return self.rope(q, pos), self.rope(k, pos).repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-
-    def out(self, o: torch.Tensor) -> torch.Tensor:
-        B, _, T, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.d))
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inner: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MidLayer(nn.Module):
-    def __init__(self, c: Eagle3Config) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c.hidden_size, c.intermediate_size)
-
-    def inputs(self, emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.input_layernorm(emb), self.hidden_norm(x)], -1)
-
-    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The pre-norm output g from the step's input x and its attention output (before o_proj)."""
-        r = x + self.self_attn.out(attn)
-        return r + self.mlp(self.post_attention_layernorm(r))
-
 
 @dataclass
 class Eagle3Context:
