@@ -129,8 +129,8 @@ def shard_draft(draft: torch.nn.Module, head_modules: list[torch.nn.Module], ctx
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if len({id(m.weight) for m in head_modules}) != len(head_modules):
-        raise LkspecError("parallel=fsdp cannot shard heads that share weights; set draft.tie_weights=false "
-                          "or use parallel=ddp")
+        raise LkspecError("parallel=fsdp cannot shard heads that share weights (a tied MLP-Speculator, EAGLE-3's "
+                          "one head); use parallel=ddp, or set draft.tie_weights=false for an MLP-Speculator")
     for m in head_modules:
         fully_shard(m)
     fully_shard(draft)
