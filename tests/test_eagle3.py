@@ -375,3 +375,18 @@ def test_a_recurrent_draft_drafts_more_steps_than_it_was_trained_for():
         torch.testing.assert_close(a, b)
     with pytest.raises(LkspecError, match="use --k 6 or fewer"):
         build_draft("medusa", hidden_size=16, vocab_size=50).with_num_heads(7)
+
+
+def test_layer_shapes_and_aux_layers_come_from_the_target_config():
+    """transformers 5 keeps RoPE's theta in rope_parameters (the first demo run fell back to 10000 for SmolLM2's
+    100000); shallow targets still get distinct ascending aux layers."""
+    from types import SimpleNamespace
+
+    from lkspec.drafts.eagle3 import target_geometry
+
+    cfg = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                          intermediate_size=1536, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                          rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    g = target_geometry(cfg)
+    assert g["aux_layers"] == [2, 15, 27] and g["rope_theta"] == 100000.0 and g["head_dim"] == 64
+    assert target_geometry(SimpleNamespace(**{**vars(cfg), "num_hidden_layers": 2}))["aux_layers"] == [0, 1, 2]

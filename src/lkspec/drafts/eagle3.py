@@ -81,7 +81,8 @@ def target_geometry(target_config: Any) -> dict[str, Any]:
         "num_key_value_heads": int(getattr(target_config, "num_key_value_heads", None) or heads),
         "head_dim": int(getattr(target_config, "head_dim", None) or hidden // heads),
         "intermediate_size": int(getattr(target_config, "intermediate_size", None) or 4 * hidden),
-        "rope_theta": float(getattr(target_config, "rope_theta", None) or 10000.0),
+        "rope_theta": float(getattr(target_config, "rope_theta", None)  # transformers 5 keeps it in rope_parameters
+                            or (getattr(target_config, "rope_parameters", None) or {}).get("rope_theta") or 10000.0),
         "rms_norm_eps": float(getattr(target_config, "rms_norm_eps", None) or 1e-5),
         "max_position_embeddings": int(getattr(target_config, "max_position_embeddings", None) or 2048),
     }
@@ -89,6 +90,7 @@ def target_geometry(target_config: Any) -> dict[str, Any]:
 
 SCALES = torch.linspace(0.05, 1.0, 20)  # logit scales the target initialisation tries
 SELF_ATTENTION_LOGIT = 12.0  # a token's mean attention logit on itself in the target initialisation
+
 
 @dataclass
 class Eagle3Context:
