@@ -34,7 +34,7 @@ import torch
 
 from lkspec.config import parse
 from lkspec.drafts.base import CONFIG_FILE, WEIGHTS_FILE, Draft, DraftConfig, check_draft_target, draft_class
-from lkspec.drafts.outside_layouts import PLANS, Plan, arch_of
+from lkspec.drafts.outside_layouts import PLANS, Plan, arch_of, short_list
 from lkspec.drafts.vllm_names import tied_source
 from lkspec.errors import LkspecError
 from lkspec.io import open_safetensors, read_json, tensor_aliases
@@ -63,10 +63,6 @@ class Checkpoint:
     from_target: list[str] = field(default_factory=list)  # left to the target by the layout (EAGLE-3's embedding)
 
 
-def _short(names: list[str], n: int = 8) -> str:
-    return "[" + ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "") + "]"
-
-
 def weight_files(d: Path, *, only: str | None = None) -> list[Path]:
     """The safetensors files a loader would read (an index's shards, else every *.safetensors)."""
     if only is not None:
@@ -77,7 +73,7 @@ def weight_files(d: Path, *, only: str | None = None) -> list[Path]:
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         missing = [s for s in shards if not (d / s).is_file()]
         if missing:
-            raise LkspecError(f"{index} lists shards that are missing: {_short(missing)}; download them")
+            raise LkspecError(f"{index} lists shards that are missing: {short_list(missing)}; download them")
         return [d / s for s in shards]
     files = sorted(p for p in d.glob("*.safetensors") if not p.name.startswith("."))
     if files:
@@ -179,8 +175,8 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> Checkpoint:
         if unknown and all(k.endswith(".bias") for k in unknown) and config.arch == "medusa":
             hint = " (biases present but medusa_fc_bias is false: set it true in config.json)"
         raise LkspecError(
-            f"{d}: tensors do not match its config ({plan.layout} layout): missing {_short(missing)}, "
-            f"unknown {_short(unknown)}{hint}; fix config.json or the weights"
+            f"{d}: tensors do not match its config ({plan.layout} layout): missing {short_list(missing)}, "
+            f"unknown {short_list(unknown)}{hint}; fix config.json or the weights"
         )
     origin = {name: plan.aliases.get(name, name) for name in expected}  # lkspec name -> source it reads
     check_shapes(d, config, {name: scan[plan.sources[src][1]][1] for name, src in origin.items()

@@ -29,7 +29,8 @@ from lkspec.errors import LkspecError
 log = logging.getLogger(__name__)
 
 
-def _short(names: list[str], n: int = 8) -> str:
+def short_list(names: list[str], n: int = 8) -> str:
+    """The first n names and how many there are in all, for one-line errors."""
     return "[" + ", ".join(names[:n]) + (f", … ({len(names)} in all)" if len(names) > n else "") + "]"
 
 
@@ -143,7 +144,7 @@ def plan_medusa(raw: dict[str, Any], scan: dict[str, tuple[Path, tuple[int, ...]
     layers = int(view.get("num_hidden_layers", 1))
     bad_lm = sorted(k for k, layer in lm_layer.items() if layer != layers)
     if bad_lm:
-        raise LkspecError(f"{d}: FasterDecoding lm-head keys {_short(bad_lm)} do not sit at index "
+        raise LkspecError(f"{d}: FasterDecoding lm-head keys {short_list(bad_lm)} do not sit at index "
                           f"num_layers={layers}; fix medusa_num_layers in config.json")
     has_bias = any(n.startswith("blocks.") and n.endswith(".bias") for n in sources)
     notes = []

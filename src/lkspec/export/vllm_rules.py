@@ -250,8 +250,8 @@ def _check_eagle3(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
     for key in ("draft_vocab_size", "norm_before_residual", "hidden_size", "num_attention_heads", "intermediate_size"):
         if key not in v:
             raise LkspecError(f"an EAGLE-3 config.json must say {key} (vLLM's defaults differ from lkspec's); write it")
-    if len(v["aux_layer_ids"]) != int(v.get("num_aux_hidden_states") or len(v["aux_layer_ids"]) or 3) or \
-            not v["aux_layer_ids"]:
+    ids = v["aux_layer_ids"]
+    if not ids or len(ids) != int(v.get("num_aux_hidden_states") or len(ids)):
         raise LkspecError("an EAGLE-3 config.json must name eagle_aux_hidden_state_layer_ids (else vLLM takes "
                           "its own default layers, which need not be the ones the draft was trained on)")
     if "d2t" in tensors and tensors["d2t"].dtype != torch.int64:
