@@ -24,6 +24,13 @@ from lkspec.losses import (
 N, V = 48, 300
 
 
+def _chain(name: str, n: int = N) -> torch.Tensor | None:
+    """c_t for a chain loss (any positive weights will do for agreement tests), None for the others."""
+    if not LOSSES[name].chain:
+        return None
+    return 0.5 + torch.rand(n, generator=torch.Generator().manual_seed(7)) * 2
+
+
 def _logits(seed: int = 0, n: int = N, v: int = V, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, v, generator=g, dtype=torch.float64).float(), (torch.randn(n, v, generator=g) * scale)
@@ -102,9 +109,10 @@ def test_chunked_equals_reference(name: str, temperature: float) -> None:
             import lkspec.losses as L
 
             kl, alpha = L.token_stats_chunked(zz[mask], zp[mask], temperature, chunk=64)
-            loss = combine(name, kl, alpha, eta=3.0)
+            c = _chain(name)
+            loss = combine(name, kl, alpha, eta=3.0, chain=None if c is None else c[mask])
         else:
-            loss = head_loss(name, zz, zp, mask, eta=3.0, temperature=temperature, impl=impl)
+            loss = head_loss(name, zz, zp, mask, eta=3.0, temperature=temperature, impl=impl, chain=_chain(name))
         (grad,) = torch.autograd.grad(loss, zz)
         out[impl] = (loss.detach(), grad)
     torch.testing.assert_close(out["chunked"][0], out["reference"][0], rtol=1e-4, atol=1e-6)
@@ -181,12 +189,14 @@ def test_global_count_and_alpha_mean_reproduce_single_process() -> None:
     z, zp = _logits()
     for name in LOSSES:
         zz = z.clone().requires_grad_(True)
-        full = combine(name, *token_stats_reference(zz, zp), eta=3.0)
+        c = _chain(name)
+        full = combine(name, *token_stats_reference(zz, zp), eta=3.0, chain=c)
         (g_full,) = torch.autograd.grad(full, zz)
         zz2 = z.clone().requires_grad_(True)
         kl, alpha = token_stats_reference(zz2, zp)
         a_mean = alpha.detach().mean()
-        halves = [combine(name, kl[s], alpha[s], eta=3.0, count=N, alpha_mean=a_mean)
+        halves = [combine(name, kl[s], alpha[s], eta=3.0, count=N, alpha_mean=a_mean,
+                          chain=None if c is None else c[s])
                   for s in (slice(0, N // 3), slice(N // 3, N))]
         (g_sum,) = torch.autograd.grad(halves[0] + halves[1], zz2)
         torch.testing.assert_close(g_sum, g_full, rtol=1e-5, atol=1e-9)
@@ -240,7 +250,7 @@ def test_truncated_chunked_equals_reference(name: str) -> None:
             kl, alpha = token_stats_chunked(zz, full[:, keep], 0.8, chunk=32, target_lse=lse)
         else:
             kl, alpha = token_stats_reference(zz, full[:, keep], 0.8, lse)
-        loss = combine(name, kl, alpha, eta=3.0)
+        loss = combine(name, kl, alpha, eta=3.0, chain=_chain(name, z.shape[0]))
         (grad,) = torch.autograd.grad(loss, zz)
         out[impl] = (loss.detach(), grad)
     torch.testing.assert_close(out["chunked"][0], out["reference"][0], rtol=1e-4, atol=1e-6)

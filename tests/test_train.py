@@ -176,11 +176,13 @@ def test_alpha_mean_callback_reduces_before_lambda() -> None:
 
 def test_head_sums_match_draft_loss_stats() -> None:
     z, zp = torch.randn(40, 30), torch.randn(40, 30) * 2
-    for name in ("kl", "tv", "lk_alpha", "lk_hybrid", "lk_hybrid_token"):
-        term = draft_head_term(name, 1, z, zp, eta=3.0)
+    chain = 0.5 + torch.rand(40)
+    for name in ("kl", "tv", "lk_alpha", "lk_hybrid", "lk_hybrid_token", "lk_tau"):
+        term = draft_head_term(name, 2, z, zp, eta=3.0, chain=chain)
+        c = chain / 0.8  # the head's c_t: its chain weight relative to gamma^(k-1)
         sums = HeadSums(1)
-        sums.add(1, term.kl[:25], term.alpha[:25], 3.0)
-        sums.add(1, term.kl[25:], term.alpha[25:], 3.0)
+        sums.add(1, term.kl[:25], term.alpha[:25], 3.0, c[:25])
+        sums.add(1, term.kl[25:], term.alpha[25:], 3.0, c[25:])
         s = sums.summary(name, 3.0)
         assert s.loss[0] == pytest.approx(term.stats.loss, rel=1e-5), name
         assert s.alpha[0] == pytest.approx(term.stats.alpha, rel=1e-6)

@@ -9,6 +9,9 @@ LK losses train on alpha itself:
   one lambda per head per step from the batch (paper eq. 5; the authors' code). Early in training
   alpha ~ 0, lambda ~ 1 and KL's strong gradients do the work; as alpha grows the loss moves to TV.
 * `lk_hybrid_token` the per-token-lambda variant (vllm-project/speculators), under its own name.
+* `lk_tau` (new; the paper's "future work"): lk_hybrid whose TV part is -E[tau] of a chained round, so each
+  head's TV gradient is weighted by tau's own sensitivity dE[tau_t]/d alpha_{t,k} (the other heads' acceptance
+  at the same anchor) instead of the fixed gamma^(k-1); KL keeps gamma and the adaptive lambda (cold start).
 
 Every loss is a function of two per-token quantities, KL_t and alpha_t, so the package has one place
 that computes them (`kernels`: a readable reference and a vocab-chunked twin with the same values and
@@ -20,10 +23,14 @@ from lkspec.losses.heads import (
     AlphaMean,
     HeadStats,
     HeadTerm,
+    chain_alphas,
+    chain_weights,
     draft_head_term,
     draft_loss,
+    expected_tau,
     head_loss,
     head_weights,
+    lk_tau_reference,
     simulated_tau,
 )
 from lkspec.losses.kernels import (
@@ -52,7 +59,8 @@ from lkspec.losses.table import (
 
 __all__ = [
     "BASELINE_LOSS", "DEFAULT_LOSS", "GAMMA", "IMPLEMENTATIONS", "LOG_EPS", "LOSSES", "AlphaMean", "HeadStats",
-    "HeadTerm", "Loss", "Means", "TensorMeans", "check_finite", "check_loss_name", "combine", "draft_head_term",
-    "draft_loss", "get_loss", "head_loss", "head_weight", "head_weights", "hybrid", "lam", "simulated_tau",
+    "HeadTerm", "Loss", "Means", "TensorMeans", "chain_alphas", "chain_weights", "check_finite", "check_loss_name",
+    "combine", "draft_head_term", "draft_loss", "expected_tau", "get_loss", "head_loss", "head_weight", "head_weights",
+    "hybrid", "lam", "lk_tau_reference", "simulated_tau",
     "token_stats", "token_stats_chunked", "token_stats_reference",
 ]

@@ -20,7 +20,7 @@ import torch
 
 from lkspec.losses import LOG_EPS, get_loss, head_weight, hybrid, lam, simulated_tau
 
-FIELDS = ("count", "alpha", "kl", "nll", "lam_token", "hybrid_token")
+FIELDS = ("count", "alpha", "kl", "nll", "lam_token", "hybrid_token", "chain_tv")
 _COL = {name: i for i, name in enumerate(FIELDS)}
 
 
@@ -72,6 +72,10 @@ class SumMeans:
     def token_hybrid(self, eta: float) -> tuple[float, float]:
         return self._mean("lam_token"), self._mean("hybrid_token")
 
+    @property
+    def chain_tv(self) -> float:
+        return self._mean("chain_tv")
+
 
 class HeadSums:
     """[K, len(FIELDS)] float64 sums (one tensor, so ranks all-reduce it in one call)."""
@@ -83,15 +87,17 @@ class HeadSums:
     def num_heads(self) -> int:
         return int(self.t.shape[0])
 
-    def add(self, k: int, kl: torch.Tensor, alpha: torch.Tensor, eta: float) -> None:
-        """Head k's (1-based) per-token KL_t and alpha_t; eta fixes the per-token hybrid's lambda_t."""
+    def add(self, k: int, kl: torch.Tensor, alpha: torch.Tensor, eta: float, chain: torch.Tensor | None = None) -> None:
+        """Head k's (1-based) per-token KL_t and alpha_t; eta fixes the per-token hybrid's lambda_t; `chain` is
+        the c_t of `lkspec.losses.Means.chain_tv` (chain losses only)."""
         if alpha.numel() == 0:
             return
         kl, alpha = kl.detach().double(), alpha.detach().double()
         lam_t = lam(alpha, eta).double()
+        c = torch.zeros_like(alpha) if chain is None else chain.detach().double().to(alpha.device)
         row = {"count": float(alpha.numel()), "alpha": alpha.sum(), "kl": kl.sum(),
                "nll": -torch.log(alpha.clamp_min(LOG_EPS)).sum(), "lam_token": lam_t.sum(),
-               "hybrid_token": hybrid(kl, alpha, lam_t).sum()}  # type: ignore[union-attr]
+               "hybrid_token": hybrid(kl, alpha, lam_t).sum(), "chain_tv": (c * (1.0 - alpha)).sum()}  # type: ignore[union-attr]
         self.t[k - 1] += torch.tensor([float(row[name]) for name in FIELDS], dtype=torch.float64)
 
     def merge(self, other: HeadSums) -> None:
@@ -164,7 +170,8 @@ class EpochStats:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochStats:
         tokens = HeadSums(len(state["epoch_sums"]))
-        tokens.t = torch.tensor(state["epoch_sums"], dtype=torch.float64)
+        saved = torch.tensor(state["epoch_sums"], dtype=torch.float64)
+        tokens.t[:, : saved.shape[1]] = saved  # a state saved before a field was added: that field's sums are 0
         rows = state["epoch_loss"]
         return cls(tokens, [r[1] for r in rows], [r[2] for r in rows], [r[0] for r in rows])
 

@@ -15,6 +15,9 @@ micro-batches, all ranks), so accumulation and data parallelism change nothing:
 * otherwise a no-grad pass over the step's micro-batches measures alpha_k first (one extra forward).
 Denominators are the global valid-anchor counts (known from the masks before any forward), so each
 rank's loss is its exact share of the global mean and gradients are *summed* across ranks.
+
+Chain losses (lk_tau) weight head k at anchor t by the other heads' alpha there, so `chain_weights` runs every
+head once without gradients before the per-head backward passes: one extra head forward, no extra memory.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 
 from lkspec.drafts import Draft
 from lkspec.errors import LkspecError
-from lkspec.losses import AlphaMean, draft_head_term, get_loss
+from lkspec.losses import AlphaMean, chain_weights, draft_head_term, get_loss, head_weight, token_stats
 from lkspec.train.batching import MicroBatch, pack
 from lkspec.train.distributed import DistContext
 from lkspec.train.metrics import HeadSums
@@ -111,19 +114,26 @@ class StepRunner:
                     teacher = teacher[:, token_map.to(dev)]
         with torch.set_grad_enabled(backward), self.autocast():
             states = [s[0] for s in self.trunk(*self.draft_inputs(mb, hidden), ids, **self.packing(mb))]
+        def rows(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            """Head k's anchors, the teacher's logits there and their full-vocabulary normalisers."""
+            m = masks[k - 1]
+            return m, teacher[index[k:][m]], None if lse is None else lse[index[k:][m]]
+
+        chain = self.measure_chain(states, rows) if self.loss.chain else None
         leaves: list[torch.Tensor] = []
         for k in range(1, K + 1):
-            m = masks[k - 1]
+            m, teacher_k, lse_k = rows(k)
             leaf = states[k - 1].detach().requires_grad_(True) if backward else states[k - 1]
             with torch.set_grad_enabled(backward), self.autocast():
                 z = self.heads[k - 1](leaf[m])
+            chain_k = None if chain is None else chain[k - 1, : m.numel()][m]
             term = draft_head_term(
-                self.loss.name, k, z, teacher[index[k:][m]], None, eta=self.eta, gamma=self.gamma,
+                self.loss.name, k, z, teacher_k, None, eta=self.eta, gamma=self.gamma,
                 temperature=self.temperature, impl=self.impl, count=None if counts is None else counts[k - 1],
-                alpha_mean=None if alpha_means is None else alpha_means[k - 1],
-                target_lse=None if lse is None else lse[index[k:][m]],
+                alpha_mean=None if alpha_means is None else alpha_means[k - 1], target_lse=lse_k, chain=chain_k,
             )
-            sums.add(k, term.kl, term.alpha, self.eta)
+            sums.add(k, term.kl, term.alpha, self.eta,
+                     None if chain_k is None else chain_k / head_weight(k, self.gamma))
             if backward and (term.alpha.numel() > 0 or self.lockstep):
                 (term.loss * self.grad_scale if self.grad_scale != 1.0 else term.loss).backward()
             leaves.append(leaf)
@@ -136,6 +146,24 @@ class StepRunner:
                 pairs = [(s, leaf.grad) for s, leaf in zip(states, leaves, strict=True) if leaf.grad is not None]
             if pairs:
                 torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
+
+    @torch.no_grad()
+    def measure_chain(self, states: list[torch.Tensor], rows: Callable[[int], tuple[torch.Tensor, ...]]
+                      ) -> torch.Tensor:
+        """[K, T-1] dE[tau]/d alpha per head and anchor, from a gradient-free pass of every head (a chain loss).
+
+        One extra head forward: head k's weight needs the alphas of the heads after it, so they are measured
+        before any head's backward (holding every head's logits instead would cost K [tokens, V] tensors).
+        """
+        alpha = torch.zeros(self.K, rows(1)[0].numel(), dtype=torch.float32, device=self.device)
+        for k in range(1, self.K + 1):
+            m, teacher_k, lse_k = rows(k)
+            if m.any():
+                with self.autocast():
+                    z = self.heads[k - 1](states[k - 1].detach()[m])
+                alpha[k - 1, : m.numel()][m] = token_stats(z, teacher_k, self.temperature, self.impl,
+                                                          lse_k)[1].float()
+        return chain_weights(alpha)
 
     def draft_inputs(self, mb: MicroBatch, hidden: torch.Tensor) -> tuple[torch.Tensor]:
         """What the draft reads: the final state, or (EAGLE-3) the aux states, zero-wide in an empty row."""
