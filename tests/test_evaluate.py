@@ -270,6 +270,7 @@ def test_bad_settings_are_one_line_errors() -> None:
     _one_line_error(lambda: eval_settings(rules=[]), "--rule")
     _one_line_error(lambda: eval_settings(limit=0), "limit")
     _one_line_error(lambda: eval_settings(colour="red"), "unknown key")
+    _one_line_error(lambda: eval_settings(tau_count="hf"), "lkspec, vllm")
 
 
 def test_bad_drafts_are_one_line_errors(tiny_target: Target, tmp_path: Path) -> None:
@@ -290,7 +291,8 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_target_dir: Path, tiny_target:
     d = _mlp(tiny_target).save(tmp_path / "d", target=tiny_target.identity)
     base = ["eval", str(d), "--target", str(tiny_target_dir), "--out", str(tmp_path / "r.json")]
     for extra, hint in [(["-t", "-1"], ">= 0"), (["--rule", "typical"], "sampled"), (["-b", "mmlu"], "mtbench"),
-                        (["-b", ""], "--benchmark"), (["-k", "9"], "--k 3"), (["-t", "hot"], "--temperature")]:
+                        (["-b", ""], "--benchmark"), (["-k", "9"], "--k 3"), (["-t", "hot"], "--temperature"),
+                        (["--tau-count", "hf"], "--tau-count")]:
         with pytest.raises(SystemExit) as exc:
             main(base + extra)
         assert exc.value.code == 2

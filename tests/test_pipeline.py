@@ -41,9 +41,9 @@ def test_unknown_keys_are_one_line_errors() -> None:
 
 def test_runs_pair_losses_per_arch_with_the_paper_eta() -> None:
     cfg = load_pipeline_config(None, {"archs": ["mlp_speculator", "medusa"], "arch_options.medusa.num_layers": 2})
-    assert [n for n, _, _ in cfg.run_names()] == ["mlp-kl", "mlp-lk_hybrid", "medusa-kl", "medusa-lk_hybrid"]
-    mlp = cfg.train_config("mlp_speculator", "lk_hybrid", Path("o"))
-    med = cfg.train_config("medusa", "lk_hybrid", Path("o"))
+    assert [r.name for r in cfg.runs()] == ["mlp-kl", "mlp-lk_hybrid", "medusa-kl", "medusa-lk_hybrid"]
+    mlp = cfg.train_config(cfg.run("mlp-lk_hybrid"), Path("o"))
+    med = cfg.train_config(cfg.run("medusa-lk_hybrid"), Path("o"))
     assert (mlp.eta, med.eta) == (3.0, 10.0)
     assert med.draft.num_layers == 2 and mlp.draft.num_layers is None
     assert mlp.features == str(Path("o") / "data" / "features")
@@ -54,8 +54,8 @@ def test_shipped_recipes_are_the_papers(path: Path) -> None:
     cfg = load_pipeline_config(path)
     assert cfg.target == "meta-llama/Llama-3.1-8B-Instruct"
     assert cfg.data.prompts.limit == 660_000
-    for _, arch, loss in cfg.run_names():
-        t = cfg.train_config(arch, loss, Path("."))
+    for spec in cfg.runs():
+        t, arch = cfg.train_config(spec, Path(".")), spec.arch
         assert (t.epochs, t.data.batch_size, t.optim.lr, t.draft.num_heads) == (10, 64, 4e-4, 6)
         assert (t.optim.betas, t.optim.warmup_steps, t.optim.grad_clip, t.loss.gamma) == ((0.9, 0.95), 100, 0.5, 0.8)
         assert t.eta == {"mlp_speculator": 3.0, "medusa": 10.0, "eagle3": 3.0}[arch]

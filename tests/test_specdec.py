@@ -16,7 +16,7 @@ import torch
 from helpers import StubDraft
 from lkspec.drafts import Draft, DraftConfig, Proposal, build_draft
 from lkspec.errors import LkspecError
-from lkspec.evaluate.replay import draft_traces, rounds_moments
+from lkspec.evaluate.replay import draft_traces, replay_trace, rounds_moments
 from lkspec.evaluate.samples import Sample
 from lkspec.specdec import PHASES, GenerationResult, SpeculativeGenerator, plain_generate
 from lkspec.targets import Target
@@ -256,6 +256,26 @@ def test_engine_rounds_equal_replay_at_t0(tiny_target: Target) -> None:
         mean, var = replay_rounds(tiny_target, draft, res, 0.0, "sampled")
         assert var == 0 and mean == res.rounds
         assert res.rounds < len(res.tokens)
+
+
+def test_vllm_style_count_equals_the_engine_started_after_the_first_token(tiny_target: Target) -> None:
+    """`--tau-count vllm`: the prefill emits the first response token, rounds start after it. The replay's count
+    equals an engine run that is handed that token as part of its prompt; lkspec's count, one from the prompt."""
+    prompt = tiny_target.render_chat([{"role": "user", "content": "Write a short poem about the sea."}])
+    ref, _ = plain_generate(tiny_target, prompt, max_new_tokens=30, temperature=0)
+    draft = ScriptedDraft(tiny_target, prompt + ref, num_heads=4, wrong_every=3)
+    gen = SpeculativeGenerator(tiny_target, draft, temperature=0)
+    full = gen.generate(prompt, max_new_tokens=30)
+    after = gen.generate(prompt + ref[:1], max_new_tokens=29)
+    assert after.tokens == ref[1:]
+    ids = torch.tensor(prompt + ref)
+    P, n = len(prompt), len(ref)
+    sample = Sample("x", "x", P, ids, tiny_target.hidden_states(ids[None])[0, P - 2 : P + n - 1], full.finished)
+    (trace,) = draft_traces([draft], tiny_target, sample, temperature=0.0, num_heads=4).drafts
+    lk, vl = (replay_trace(trace, "sampled", 0.0, 4, count) for count in ("lkspec", "vllm"))
+    assert (lk.tokens, lk.rounds) == (len(full.tokens), full.rounds)
+    assert (vl.tokens, vl.rounds) == (len(after.tokens), after.rounds)
+    assert vl.tau != lk.tau
 
 
 def test_position_counts_ignore_positions_past_the_end() -> None:

@@ -28,8 +28,9 @@ from lkspec.data.regenerate import RegenConfig, regenerate
 from lkspec.drafts import DRAFTS, load_draft
 from lkspec.errors import LkspecError, NoServedLayoutError
 from lkspec.evaluate.run import DraftEntry, EvalSettings, evaluate
+from lkspec.evaluate.seeds import SeedTable, seed_table
 from lkspec.export.exporter import export_draft
-from lkspec.io import read_json, write_json
+from lkspec.io import read_json, write_json, write_text
 from lkspec.losses import BASELINE_LOSS, DEFAULT_LOSS, LOSSES, check_loss_name, get_loss
 from lkspec.targets import load_target
 from lkspec.train import build_config, train
@@ -64,7 +65,27 @@ class DataSection(StrictModel):
                 *((f"extra-{i}", p.prompts, p.regenerate) for i, p in enumerate(self.extra, 1))]
 
 
+class Variant(StrictModel):
+    """More runs of some losses with other training settings (e.g. the serving temperature), named -<variant>."""
+
+    losses: list[str] = Field(default_factory=list, description="the losses run this way (empty: all of them)")
+    train: dict[str, Any] = Field(default_factory=dict, description="training settings over `train`, e.g. "
+                                                                    "{loss: {temperature: 0.7}}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: its name (runs/<name>) and what distinguishes it."""
+
+    name: str
+    arch: str
+    loss: str
+    seed: int | None = None  # None: train.seed
+    variant: str | None = None
+
+
 class ExportOptions(StrictModel):
+    enabled: bool = Field(True, description="export every run (a many-seed study may skip it)")
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     format: Literal["vllm", "arctic"] = "vllm"
     base_model: str | None = Field(None, description="hub id written into the card (default: the target's)")
@@ -86,6 +107,10 @@ class PipelineConfig(StrictModel):
     arch_train: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                   description="per-arch training settings over `train`, e.g. eagle3: "
                                                               "{optim: {lr: 1.0e-3}}")
+    seeds: list[int] = Field(default_factory=list, description="one run per seed (names end -s<seed>), each loss "
+                             "paired with the baseline of the same seed; empty: train.seed once")
+    variants: dict[str, Variant] = Field(default_factory=dict, description="further runs with other training "
+                                         "settings, e.g. t07: {losses: [kl], train: {loss: {temperature: 0.7}}}")
     data: DataSection = Field(default_factory=DataSection)
     train: dict[str, Any] = Field(default_factory=dict)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -109,34 +134,56 @@ class PipelineConfig(StrictModel):
         for arch in self.archs:
             if arch not in DRAFTS:
                 raise ValueError(f"unknown architecture {arch!r} in archs; choose from {', '.join(DRAFTS)}")
-        for arch in self.archs:  # every run's training config must parse now, not hours later
-            for loss in self.losses:
-                self.train_config(arch, loss, Path("."))
+        for name, v in self.variants.items():
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"variant name {name!r} goes into run names: use letters, digits and _")
+            for loss in v.losses:
+                if loss not in self.losses:
+                    raise ValueError(f"variant {name!r} names loss {loss!r}, which is not in losses")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat a seed: {self.seeds}")
+        for spec in self.runs():  # every run's training config must parse now, not hours later
+            self.train_config(spec, Path("."))
         self.eval.checked()
         return self
 
-    def run_names(self) -> list[tuple[str, str, str]]:
-        """(name, arch, loss) of every training run, baseline loss first within each arch."""
-        return [(f"{DRAFTS[a].short}-{loss}", a, loss) for a in self.archs for loss in self.losses]
+    def runs(self) -> list[RunSpec]:
+        """Every training run: per arch, each variant's losses (baseline first) for each seed."""
+        out = []
+        seeds: list[int | None] = list(self.seeds) or [None]
+        for a in self.archs:
+            for variant in [None, *self.variants]:
+                losses = self.losses if variant is None else (self.variants[variant].losses or self.losses)
+                for loss in losses:
+                    for seed in seeds:
+                        name = (f"{DRAFTS[a].short}-{loss}" + (f"-{variant}" if variant else "")
+                                + (f"-s{seed}" if seed is not None else ""))
+                        out.append(RunSpec(name, a, loss, seed, variant))
+        return out
+
+    def run(self, name: str) -> RunSpec:
+        return next(r for r in self.runs() if r.name == name)
 
     def aux_layers(self, target: Any, out: Path) -> list[int]:
         """The aux layers the features must carry: those the runs' drafts read (EAGLE-3), one set for all."""
-        sets = {tuple(draft_aux_layers(self.train_config(arch, loss, out).draft, target.identity, target.config))
-                for _, arch, loss in self.run_names()} - {()}
+        sets = {tuple(draft_aux_layers(self.train_config(spec, out).draft, target.identity, target.config))
+                for spec in self.runs()} - {()}
         if len(sets) > 1:
             raise LkspecError(f"the drafts read different target layers {sorted(sets)}; give every eagle3 run the "
                               f"same draft.aux_layers (the features are extracted once)")
         return list(next(iter(sets), ()))
 
-    def train_config(self, arch: str, loss: str, out: Path) -> Any:
+    def train_config(self, spec: RunSpec, out: Path) -> Any:
         overrides = {
             **flatten(self.train),
-            **flatten(self.arch_train.get(arch, {})),
+            **flatten(self.arch_train.get(spec.arch, {})),
+            **(flatten(self.variants[spec.variant].train) if spec.variant else {}),
+            **({"seed": spec.seed} if spec.seed is not None else {}),
             "target": self.target,
             "features": str(out / "data" / "features"),
-            "draft.arch": arch,
-            **{f"draft.{k}": v for k, v in self.arch_options.get(arch, {}).items()},
-            "loss.name": loss,
+            "draft.arch": spec.arch,
+            **{f"draft.{k}": v for k, v in self.arch_options.get(spec.arch, {}).items()},
+            "loss.name": spec.loss,
         }
         return build_config(None, overrides)
 
@@ -162,6 +209,7 @@ class PipelineResult:
     runs: dict[str, Path] = field(default_factory=dict)
     exports: dict[str, Path] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)  # arch short name -> lkspec.evaluate.EvalReport
+    seed_tables: dict[str, SeedTable] = field(default_factory=dict)  # arch short name -> losses pooled over seeds
     results: dict[str, Path] = field(default_factory=dict)  # run name -> its results JSON
     times: list[StageTime] = field(default_factory=list)
     draft_params: dict[str, int] = field(default_factory=dict)
@@ -212,7 +260,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     out = Path(out)
     _check_record(out, cfg)
     res = PipelineResult(out=out, config=cfg)
-    runs = cfg.run_names()
+    runs = cfg.runs()
     n_stages = 4 + len(runs)
 
     def stage(i: int, text: str) -> float:
@@ -242,11 +290,13 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     res.times.append(StageTime("data", time.perf_counter() - t,
                                f"{store.num_docs} responses, {store.num_tokens:,} tokens"))
 
-    for i, (name, arch, loss) in enumerate(runs):
-        tcfg = cfg.train_config(arch, loss, out).model_copy(update={"progress": progress})
+    for i, spec in enumerate(runs):
+        name, arch, loss = spec.name, spec.arch, spec.loss
+        tcfg = cfg.train_config(spec, out).model_copy(update={"progress": progress})
         run_dir = out / "runs" / name
         t = stage(3 + i, f"train {name}: {arch}, loss {loss}"
-                  + (f" (eta {tcfg.eta:g})" if get_loss(loss).uses_eta else ""))
+                  + (f" (eta {tcfg.eta:g})" if get_loss(loss).uses_eta else "")
+                  + (f", seed {tcfg.seed}" if spec.seed is not None else ""))
         resume = state_dir(run_dir) is not None
         result = train(tcfg, run_dir, store=store, target=target, resume=resume)
         res.runs[name] = run_dir
@@ -258,7 +308,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
 
     t = stage(n_stages - 1, "evaluate: exact tau by coupling replay (target samples shared by all drafts)")
     groups: dict[str, list[DraftEntry]] = {}
-    for name, arch, _ in runs:  # paired comparison within an architecture: baseline loss first
+    for name, arch in ((r.name, r.arch) for r in runs):  # paired within an architecture: baseline first
         draft = load_draft(res.runs[name], target=target.identity, device=target.device,
                            tables=target.init_tensors).eval()
         groups.setdefault(DRAFTS[arch].short, []).append(DraftEntry(name, str(res.runs[name]), draft))
@@ -269,6 +319,11 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
         report.write_markdown(stem.with_suffix(".md"))
         report.plot(stem.with_suffix(".png"))
         res.reports[short] = report
+        if cfg.seeds or cfg.variants:  # losses pooled over seeds, paired by seed (lkspec.evaluate.seeds)
+            table = seed_table(report, [r for r in runs if DRAFTS[r.arch].short == short])
+            write_json(out / "eval" / f"{short}-seeds.json", table.to_json())
+            write_text(out / "eval" / f"{short}-seeds.md", table.markdown() + "\n")
+            res.seed_tables[short] = table
         for e in group:
             res.results[e.label] = stem.with_suffix(".json")
     cost = [r.cost for r in res.reports.values()]
@@ -276,6 +331,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
                                f"{sum(c.generated_samples for c in cost)} target samples generated, "
                                f"{sum(c.cached_samples for c in cost)} from the cache"))
 
+    if not cfg.export.enabled:
+        stage(n_stages, "export: skipped (export.enabled: false)")
+        return res
     t = stage(n_stages, f"export ({cfg.export.format} layout, {cfg.export.dtype}) with model cards")
     for name, run_dir in res.runs.items():
         dst = out / "export" / name

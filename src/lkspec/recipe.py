@@ -46,8 +46,9 @@ def plan(cfg: PipelineConfig) -> list[str]:
     shapes = _target_shapes(cfg.target)
     if shapes is None:
         lines.append(f"  target config for {cfg.target} is not reachable here (no hub?): sizes below are unknown")
-    for name, arch, loss in cfg.run_names():
-        t = cfg.train_config(arch, loss, Path("."))
+    for spec in cfg.runs():
+        name, arch, loss = spec.name, spec.arch, spec.loss
+        t = cfg.train_config(spec, Path("."))
         size = ""
         if shapes is not None:
             with torch.device("meta"):

@@ -127,7 +127,7 @@ def write_report(res: PipelineResult, *, command: str, total_s: float, title: st
             run = res.runs[name]
             step, tau, alpha = _heldout(run)
             params = res.draft_params.get(name)
-            train = cfg.train_config(*next((a, loss) for n, a, loss in cfg.run_names() if n == name), out)
+            train = cfg.train_config(cfg.run(name), out)
             a = " / ".join(f"{x:.3f}" for x in alpha)
             lines.append(f"- `{name}`: {train.draft.arch}, loss `{train.loss.name}`"
                          + (f" (eta {train.eta:g})" if get_loss(train.loss.name).uses_eta else "")

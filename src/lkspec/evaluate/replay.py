@@ -38,6 +38,12 @@ RULES = ("sampled", "greedy")
 """`sampled`: drafts drawn from q, accepted w.p. min(1, p/q). `greedy`: drafts are argmax q (vLLM's rule)."""
 
 
+TAU_COUNTS = {"lkspec": 0, "vllm": 1}
+"""Where the first round starts (response tokens emitted before it). `lkspec`: at the last prompt token, so the
+first response token is drafted too; `vllm`: as vLLM's spec-decode metrics count, after the prefill has emitted
+the first response token by itself (that token is in neither the tokens nor the rounds)."""
+
+
 def check_rule(rule: str) -> str:
     if rule not in RULES:
         raise LkspecError(f"unknown acceptance rule {rule!r}; choose from {', '.join(RULES)}")
@@ -304,5 +310,7 @@ def replay_counts(a: np.ndarray, alpha: np.ndarray | None = None) -> PromptRepla
     return PromptReplay(float(n), float(R[0]), tried, accepted, alpha_sum, count)
 
 
-def replay_trace(trace: DraftTrace, rule: str, temperature: float, k: int) -> PromptReplay:
-    return replay_counts(trace.acceptance(rule, temperature, k), trace.alpha_for(rule, temperature))
+def replay_trace(trace: DraftTrace, rule: str, temperature: float, k: int, count: str = "lkspec") -> PromptReplay:
+    """The expected counts of one response under a rule, its rounds counted the `count` way (TAU_COUNTS)."""
+    start = TAU_COUNTS[count]
+    return replay_counts(trace.acceptance(rule, temperature, k)[start:], trace.alpha_for(rule, temperature)[:, start:])

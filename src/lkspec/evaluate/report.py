@@ -88,6 +88,7 @@ class EvalReport:
     coverage: dict[str, float] = field(default_factory=dict)  # truncated drafts: share of response tokens in the map
     costs: dict[tuple[str, float], Costs] = field(default_factory=dict)  # (label, T): this machine's round costs
     ci_level: float = 0.95
+    tau_count: str = "lkspec"  # lkspec.evaluate.replay.TAU_COUNTS
     rows: list[dict[str, Any]] = field(default_factory=list)
     differences: list[dict[str, Any]] = field(default_factory=list)
 
@@ -199,6 +200,7 @@ class EvalReport:
             "k": self.k,
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seeds[0] if len(self.seeds) == 1 else list(self.seeds),
+            "tau_count": self.tau_count,
             "token_map_coverage": self.coverage,
             **({"speed": self._speed_json()} if self.costs else {}),
             "rows": self.rows,
@@ -226,7 +228,9 @@ class EvalReport:
             "",
             f"Target `{self.target['name']}`, max {self.max_new_tokens} new tokens, seeds {self.seeds}; "
             "`sampled` = drafts sampled from q and accepted w.p. min(1, p/q); "
-            "`greedy` = argmax drafts (vLLM's rule). At T=0 both rules are the same.",
+            "`greedy` = argmax drafts (vLLM's rule). At T=0 both rules are the same. "
+            + ("Rounds counted from the last prompt token (lkspec's count)." if self.tau_count == "lkspec" else
+               "Rounds counted as vLLM does: after the prefill emitted the first response token."),
             "",
             "| draft | rule | " + " | ".join(cols) + " |",
             "|---|---|" + "---|" * len(cols),

@@ -21,7 +21,15 @@ from lkspec.config import StrictModel, flag, parse
 from lkspec.data.benchmarks import BENCHMARKS, canonical_name, load_benchmark
 from lkspec.drafts import Draft, check_draft_target, load_draft
 from lkspec.errors import LkspecError
-from lkspec.evaluate.replay import RULES, PromptReplay, check_rule, combine, draft_traces, replay_trace
+from lkspec.evaluate.replay import (
+    RULES,
+    TAU_COUNTS,
+    PromptReplay,
+    check_rule,
+    combine,
+    draft_traces,
+    replay_trace,
+)
 from lkspec.evaluate.report import Cell, Cost, EvalReport
 from lkspec.evaluate.samples import Prompt, SampleSettings, target_samples
 from lkspec.proposers import NGRAM, NgramSettings
@@ -62,6 +70,9 @@ class EvalSettings(StrictModel):
         "Also predict `lkspec generate`'s wall-clock speed-up over plain decoding on this machine: time the target's "
         "verification passes and every proposer's round (a few seconds), apply lkspec.speed's cost model to the "
         "measured acceptance."), **flag("--speed/--no-speed"))
+    tau_count: str = Field("lkspec", description=(
+        "How rounds are counted: 'lkspec' from the last prompt token (the first response token is drafted too); "
+        "'vllm' as vLLM's metrics do, after the prefill emitted the first token."), **flag())
     ngram: NgramSettings = Field(default_factory=NgramSettings)
 
     def checked(self) -> EvalSettings:
@@ -78,6 +89,8 @@ class EvalSettings(StrictModel):
             raise LkspecError(f"no benchmark selected; pass --benchmark with one of {', '.join(BENCHMARKS)}")
         if not self.seeds:
             raise LkspecError("no seed given; pass --seed 0 (or several)")
+        if self.tau_count not in TAU_COUNTS:
+            raise LkspecError(f"unknown --tau-count {self.tau_count!r}; choose one of {', '.join(TAU_COUNTS)}")
         return self.model_copy(update={
             "temperatures": sorted(dict.fromkeys(float(t) for t in self.temperatures)),
             "rules": rules,
@@ -195,7 +208,7 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
                     for lab, tr in zip(labels, traces, strict=True):
                         t1 = time.perf_counter()
                         for rule in s.rules:
-                            c = replay_trace(tr, rule, T, K)
+                            c = replay_trace(tr, rule, T, K, s.tau_count)
                             acc = per_prompt.setdefault((lab, T, rule, bench), {})
                             acc[sample.id] = acc[sample.id] + c if sample.id in acc else c
                         cost.draft_s[lab] += tr.seconds + time.perf_counter() - t1
@@ -211,7 +224,7 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
         target=target.identity.model_dump(), drafts=rows, benchmarks=benchmarks,
         temperatures=list(s.temperatures), rules=list(s.rules), k=K, max_new_tokens=s.max_new_tokens,
         seeds=list(s.seeds), cells=cells, cost=cost, bootstrap=s.bootstrap,
-        coverage={lab: n / max(seen, 1) for lab, n in covered.items()}, costs=costs,
+        coverage={lab: n / max(seen, 1) for lab, n in covered.items()}, costs=costs, tau_count=s.tau_count,
     )
 
 
