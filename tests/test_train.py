@@ -179,7 +179,8 @@ def test_head_sums_match_draft_loss_stats() -> None:
     chain = 0.5 + torch.rand(40)
     for name in ("kl", "tv", "lk_alpha", "lk_hybrid", "lk_hybrid_token", "lk_tau"):
         term = draft_head_term(name, 2, z, zp, eta=3.0, chain=chain)
-        c = chain / 0.8  # the head's c_t: its chain weight relative to gamma^(k-1)
+        c = term.chain  # the head's c_t: its chain weight relative to gamma^(k-1)
+        assert c is not None and torch.allclose(c, chain / 0.8)
         sums = HeadSums(1)
         sums.add(1, term.kl[:25], term.alpha[:25], 3.0, c[:25])
         sums.add(1, term.kl[25:], term.alpha[25:], 3.0, c[25:])

@@ -103,6 +103,7 @@ class HeadTerm:
     stats: HeadStats
     kl: torch.Tensor  # [n] detached
     alpha: torch.Tensor  # [n] detached
+    chain: torch.Tensor | None = None  # [n] c_t of a chain loss (`Means.chain_tv`), for the metrics
 
 
 def draft_head_term(name: str, k: int, draft_logits: torch.Tensor, target_logits: torch.Tensor,
@@ -138,7 +139,7 @@ def draft_head_term(name: str, k: int, draft_logits: torch.Tensor, target_logits
     stats = HeadStats(count=float(alpha.numel()), alpha_sum=float(alpha.detach().sum()),
                       kl_sum=float(kl.detach().sum()), loss=float(loss_k.detach()),  # type: ignore[union-attr]
                       lam=float(lam_k) if lam_k is not None else float("nan"))
-    return HeadTerm(head_weight(k, gamma) * loss_k, stats, kl.detach(), alpha.detach())  # type: ignore[arg-type]
+    return HeadTerm(head_weight(k, gamma) * loss_k, stats, kl.detach(), alpha.detach(), chain_t)  # type: ignore[arg-type]
 
 
 def draft_loss(name: str, head_logits: Sequence[torch.Tensor], head_targets: Sequence[torch.Tensor],

@@ -16,7 +16,7 @@ micro-batches, all ranks), so accumulation and data parallelism change nothing:
 Denominators are the global valid-anchor counts (known from the masks before any forward), so each
 rank's loss is its exact share of the global mean and gradients are *summed* across ranks.
 
-Chain losses (lk_tau) weight head k at anchor t by the other heads' alpha there, so `chain_weights` runs every
+Chain losses (lk_tau) weight head k at anchor t by the other heads' alpha there, so `measure_chain` runs every
 head once without gradients before the per-head backward passes: one extra head forward, no extra memory.
 """
 
@@ -31,7 +31,7 @@ from torch import nn
 
 from lkspec.drafts import Draft
 from lkspec.errors import LkspecError
-from lkspec.losses import AlphaMean, chain_weights, draft_head_term, get_loss, head_weight, token_stats
+from lkspec.losses import AlphaMean, chain_weights, draft_head_term, get_loss, token_stats
 from lkspec.train.batching import MicroBatch, pack
 from lkspec.train.distributed import DistContext
 from lkspec.train.metrics import HeadSums
@@ -114,6 +114,7 @@ class StepRunner:
                     teacher = teacher[:, token_map.to(dev)]
         with torch.set_grad_enabled(backward), self.autocast():
             states = [s[0] for s in self.trunk(*self.draft_inputs(mb, hidden), ids, **self.packing(mb))]
+
         def rows(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             """Head k's anchors, the teacher's logits there and their full-vocabulary normalisers."""
             m = masks[k - 1]
@@ -132,8 +133,7 @@ class StepRunner:
                 temperature=self.temperature, impl=self.impl, count=None if counts is None else counts[k - 1],
                 alpha_mean=None if alpha_means is None else alpha_means[k - 1], target_lse=lse_k, chain=chain_k,
             )
-            sums.add(k, term.kl, term.alpha, self.eta,
-                     None if chain_k is None else chain_k / head_weight(k, self.gamma))
+            sums.add(k, term.kl, term.alpha, self.eta, term.chain)
             if backward and (term.alpha.numel() > 0 or self.lockstep):
                 (term.loss * self.grad_scale if self.grad_scale != 1.0 else term.loss).backward()
             leaves.append(leaf)
