@@ -118,3 +118,30 @@ def test_recommended_recipe_dry_runs(tiny_target_dir: Path, tmp_path: Path, caps
                      str(tiny_target_dir), "--quiet", "--out", str(tmp_path / "real")], capsys)
     assert code == 0, out
     assert "dry run OK: 2 training runs" in out and not (tmp_path / "real").exists()
+
+
+def test_study_recipe_dry_runs_with_seeds_and_variants(tiny_target_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/embedded-study.yaml, shrunk to one arch, two losses and two seeds: one run per (loss, seed) and
+    per variant, the pooled seed table in the report (a broken table fails the run)."""
+    code, out = cli(["run", str(ROOT / "configs" / "embedded-study.yaml"), "--dry-run", "--stand-in",
+                     str(tiny_target_dir), "--quiet", "--out", str(tmp_path / "real"),
+                     "--set", "archs=[mlp_speculator]", "--set", "losses=[kl,lk_tau]", "--set", "seeds=[0,1]",
+                     "--set", "variants.t07.losses=[kl]", "--set", "eval.temperatures=[0,0.7]"], capsys)
+    assert code == 0, out
+    assert "dry run OK: 6 training runs" in out
+    for name in ("mlp-kl-s0", "mlp-lk_tau-s1", "mlp-kl-t07-s1"):
+        assert f"train {name}:" in out
+    cfg = load_pipeline_config(ROOT / "configs" / "embedded-study.yaml")
+    assert len(cfg.runs()) == 2 * (4 + 2) * 3 and not cfg.export.enabled
+    t07 = cfg.train_config(cfg.run("medusa-lk_hybrid-t07-s2"), Path("o"))
+    assert (t07.loss.temperature, t07.seed, t07.loss.name, t07.eta) == (0.7, 2, "lk_hybrid", 10.0)
+
+
+def test_bad_seeds_and_variants_are_one_line_errors() -> None:
+    with pytest.raises(LkspecError, match="not in losses"):
+        load_pipeline_config(None, {"variants": {"t07": {"losses": ["tv"]}}})
+    with pytest.raises(LkspecError, match="repeat"):
+        load_pipeline_config(None, {"seeds": [1, 1]})
+    with pytest.raises(LkspecError, match="letters, digits"):
+        load_pipeline_config(None, {"variants": {"t-7": {}}})

@@ -134,6 +134,8 @@ def write_report(res: PipelineResult, *, command: str, total_s: float, title: st
                          + (f", {params:,} parameters" if params else "")
                          + f"; {train.epochs} epochs × batch {train.data.batch_size}, lr {train.optim.lr:g}, seed "
                          f"{train.seed}; selected at step {step}: held-out simulated tau {tau:.3f}, alpha per head {a}")
+        if short in res.seed_tables:  # several seeds / variants: the pooled, seed-paired comparison first
+            lines += ["", "### Losses pooled over training seeds", "", res.seed_tables[short].markdown()]
         lines += ["", "### Verdict (mean over benchmarks, paired on the same target samples)", ""]
         lines += verdicts(report, names)
         lines += ["", report.markdown().replace("\n## ", "\n### "), f"![acceptance](eval/{short}.png)", ""]
