@@ -24,6 +24,7 @@ from lkspec.losses.heads import (
     HeadStats,
     HeadTerm,
     chain_alphas,
+    chain_of,
     chain_weights,
     draft_head_term,
     draft_loss,
@@ -59,8 +60,8 @@ from lkspec.losses.table import (
 
 __all__ = [
     "BASELINE_LOSS", "DEFAULT_LOSS", "GAMMA", "IMPLEMENTATIONS", "LOG_EPS", "LOSSES", "AlphaMean", "HeadStats",
-    "HeadTerm", "Loss", "Means", "TensorMeans", "chain_alphas", "chain_weights", "check_finite", "check_loss_name",
-    "combine", "draft_head_term", "draft_loss", "expected_tau", "get_loss", "head_loss", "head_weight", "head_weights",
-    "hybrid", "lam", "lk_tau_reference", "simulated_tau",
-    "token_stats", "token_stats_chunked", "token_stats_reference",
+    "HeadTerm", "Loss", "Means", "TensorMeans", "chain_alphas", "chain_of", "chain_weights", "check_finite",
+    "check_loss_name", "combine", "draft_head_term", "draft_loss", "expected_tau", "get_loss", "head_loss",
+    "head_weight", "head_weights", "hybrid", "lam", "lk_tau_reference", "simulated_tau", "token_stats",
+    "token_stats_chunked", "token_stats_reference",
 ]

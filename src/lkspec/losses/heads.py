@@ -168,12 +168,18 @@ def draft_loss(name: str, head_logits: Sequence[torch.Tensor], head_targets: Seq
 def chain_alphas(head_logits: Sequence[torch.Tensor], head_targets: Sequence[torch.Tensor],
                  head_masks: Sequence[torch.Tensor], temperature: float = 1.0, impl: str = "chunked") -> torch.Tensor:
     """`chain_weights` of [B, n_k] heads aligned by anchor: [K, B, n_1], alpha taken as 0 outside a head's mask."""
-    K, (B, n) = len(head_logits), head_masks[0].shape
-    alpha = torch.zeros(K, B, n, dtype=torch.float32, device=head_logits[0].device)
-    for k, (z, zp, m) in enumerate(zip(head_logits, head_targets, head_masks, strict=True)):
+    return chain_of(lambda k, m: token_stats(head_logits[k][m], head_targets[k][m], temperature, impl)[1],
+                    head_masks)
+
+
+def chain_of(alpha_of: Callable[[int, torch.Tensor], torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`chain_weights` from each head's alpha at its selected anchors: `alpha_of(k, mask)` (0-based k) for the
+    rows of `masks[k]` ([..., n_k], anchors aligned); [K, ..., n_1], alpha taken as 0 outside a head's mask."""
+    alpha = torch.zeros(len(masks), *masks[0].shape, dtype=torch.float32, device=masks[0].device)
+    for k, m in enumerate(masks):
         m = m.bool()
         if m.any():
-            alpha[k, :, : m.shape[1]][m] = token_stats(z[m], zp[m], temperature, impl)[1].float()
+            alpha[k, ..., : m.shape[-1]][m] = alpha_of(k, m).float()
     return chain_weights(alpha)
 
 

@@ -94,10 +94,10 @@ class HeadSums:
             return
         kl, alpha = kl.detach().double(), alpha.detach().double()
         lam_t = lam(alpha, eta).double()
-        c = torch.zeros_like(alpha) if chain is None else chain.detach().double().to(alpha.device)
         row = {"count": float(alpha.numel()), "alpha": alpha.sum(), "kl": kl.sum(),
                "nll": -torch.log(alpha.clamp_min(LOG_EPS)).sum(), "lam_token": lam_t.sum(),
-               "hybrid_token": hybrid(kl, alpha, lam_t).sum(), "chain_tv": (c * (1.0 - alpha)).sum()}  # type: ignore[union-attr]
+               "hybrid_token": hybrid(kl, alpha, lam_t).sum(),  # type: ignore[union-attr]
+               "chain_tv": 0.0 if chain is None else (chain.detach().double().to(alpha.device) * (1.0 - alpha)).sum()}
         self.t[k - 1] += torch.tensor([float(row[name]) for name in FIELDS], dtype=torch.float64)
 
     def merge(self, other: HeadSums) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from lkspec.drafts import Draft
 from lkspec.errors import LkspecError
-from lkspec.losses import AlphaMean, chain_weights, draft_head_term, get_loss, token_stats
+from lkspec.losses import AlphaMean, chain_of, draft_head_term, get_loss, token_stats
 from lkspec.train.batching import MicroBatch, pack
 from lkspec.train.distributed import DistContext
 from lkspec.train.metrics import HeadSums
@@ -155,15 +155,13 @@ class StepRunner:
         One extra head forward: head k's weight needs the alphas of the heads after it, so they are measured
         before any head's backward (holding every head's logits instead would cost K [tokens, V] tensors).
         """
-        alpha = torch.zeros(self.K, rows(1)[0].numel(), dtype=torch.float32, device=self.device)
-        for k in range(1, self.K + 1):
-            m, teacher_k, lse_k = rows(k)
-            if m.any():
-                with self.autocast():
-                    z = self.heads[k - 1](states[k - 1].detach()[m])
-                alpha[k - 1, : m.numel()][m] = token_stats(z, teacher_k, self.temperature, self.impl,
-                                                          lse_k)[1].float()
-        return chain_weights(alpha)
+        def alpha_of(k: int, m: torch.Tensor) -> torch.Tensor:
+            _, teacher_k, lse_k = rows(k + 1)
+            with self.autocast():
+                z = self.heads[k](states[k].detach()[m])
+            return token_stats(z, teacher_k, self.temperature, self.impl, lse_k)[1]
+
+        return chain_of(alpha_of, [rows(k)[0] for k in range(1, self.K + 1)])
 
     def draft_inputs(self, mb: MicroBatch, hidden: torch.Tensor) -> tuple[torch.Tensor]:
         """What the draft reads: the final state, or (EAGLE-3) the aux states, zero-wide in an empty row."""
