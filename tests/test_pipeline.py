@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,39 @@ def test_bad_seeds_and_variants_are_one_line_errors() -> None:
         load_pipeline_config(None, {"seeds": [1, 1]})
     with pytest.raises(LkspecError, match="letters, digits"):
         load_pipeline_config(None, {"variants": {"t-7": {}}})
+
+
+def test_a_rerun_reuses_the_fitted_starts_and_the_evaluation(tiny_target_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run of one seed starts from one kept fit (starts/); a rerun with the same drafts and settings rebuilds
+    the identical report from eval/<arch>.state.json without replaying, and a retrained draft is replayed."""
+    import lkspec.pipeline as pipeline
+
+    cfg = miniature(load_pipeline_config(ROOT / "configs" / "embedded-study.yaml", {
+        "archs": ["mlp_speculator"], "losses": ["kl", "lk_hybrid"], "seeds": [0, 1], "variants": {},
+        "eval": {"temperatures": [0.0, 1.0]}, "export": {"enabled": True}}), str(tiny_target_dir))
+    out = tmp_path / "study"
+    first = pipeline.run_pipeline(cfg, out, progress=False, announce=lambda _: None)
+    assert len(list((out / "starts").iterdir())) == 2  # seeds 0 and 1; kl and lk_hybrid share each
+    notes = [json.loads((out / "runs" / f"mlp-{loss}-s0" / "config.json").read_text())["lkspec"]["draft_start"]
+             for loss in ("kl", "lk_hybrid")]
+    assert "start_cache" not in notes[0] and notes[1]["start_cache"].startswith(str(out / "starts"))
+
+    def refuse(what: str) -> Callable[..., None]:
+        def fail(*_: object, **__: object) -> None:
+            raise AssertionError(what)
+        return fail
+
+    monkeypatch.setattr(pipeline, "evaluate", refuse("replayed drafts whose evaluation was kept"))
+    monkeypatch.setattr(pipeline, "export_draft", refuse("exported again what is exported"))
+    again = pipeline.run_pipeline(cfg, out, progress=False, announce=lambda _: None)
+    same = [json.dumps(x.reports["mlp"].to_json()) + json.dumps(x.seed_tables["mlp"].to_json()) for x in (first, again)]
+    assert same[0] == same[1]  # as text: a NaN (no prompt reached a head) equals itself there
+    assert again.exports == first.exports and len(first.exports) == 4
+
+    weights = out / "runs" / "mlp-kl-s1" / "model.safetensors"
+    changed = bytearray(weights.read_bytes())
+    changed[-1] ^= 1  # the last byte of the last tensor: still a valid draft, with other weights
+    weights.write_bytes(bytes(changed))
+    with pytest.raises(AssertionError, match="replayed drafts"):
+        pipeline.run_pipeline(cfg, out, progress=False, announce=lambda _: None)

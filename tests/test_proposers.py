@@ -149,6 +149,34 @@ def test_truncated_draft_replay_matches_the_engine(rule: str) -> None:
     assert chi_square_ranks(target, [1, 2, 3], res.tokens) > 1e-3  # still lossless
 
 
+class _FullVocabView(torch.nn.Module):
+    """The same draft seen only through its V-wide `forward` (no token map to work on)."""
+
+    token_map = None
+    aux_layers = ()
+
+    def __init__(self, draft: Draft) -> None:
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        return self.draft(hidden, input_ids)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 3, 0.9)])
+def test_replay_over_the_token_map_equals_the_full_vocabulary(temperature: float, top_k: int, top_p: float) -> None:
+    target = make_small_vocab_target()
+    draft = truncated_draft(target, heads=4)
+    res = SpeculativeGenerator(target, None, k=4, temperature=temperature, proposer="ngram").generate(
+        [1, 2, 3, 1, 2], max_new_tokens=70, seed=3)
+    sample = _sample_of(target, res)
+    kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "num_heads": 4, "chunk": 16}
+    mapped, full = (draft_traces([d], target, sample, **kw).drafts[0] for d in (draft, _FullVocabView(draft)))
+    for name in ("q_y", "p_y", "hit", "alpha", "alpha_greedy"):
+        np.testing.assert_allclose(getattr(mapped, name), getattr(full, name), rtol=1e-6, atol=1e-7, err_msg=name)
+    assert mapped.hit.sum() > 0 and (mapped.q_y == 0).any()  # both branches of the map lookup were taken
+
+
 # ----------------------------------------------------------------------------------------------
 # target-initialised drafts
 # ----------------------------------------------------------------------------------------------

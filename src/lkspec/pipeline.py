@@ -26,11 +26,13 @@ from lkspec.data.pipeline import run_all
 from lkspec.data.prompts import PromptConfig, load_prompts, write_prompts_jsonl
 from lkspec.data.regenerate import RegenConfig, regenerate
 from lkspec.drafts import DRAFTS, load_draft
+from lkspec.drafts.checkpoint import weight_files
 from lkspec.errors import LkspecError, NoServedLayoutError
 from lkspec.evaluate.run import DraftEntry, EvalSettings, evaluate
 from lkspec.evaluate.seeds import SeedTable, seed_table
-from lkspec.export.exporter import export_draft
-from lkspec.io import read_json, write_json, write_text
+from lkspec.evaluate.stored import eval_inputs, load_report, save_report
+from lkspec.export.exporter import export_draft, is_export
+from lkspec.io import read_json, sha256_file, write_json, write_text
 from lkspec.losses import BASELINE_LOSS, DEFAULT_LOSS, LOSSES, check_loss_name, get_loss
 from lkspec.targets import load_target
 from lkspec.train import build_config, train
@@ -41,8 +43,9 @@ log = logging.getLogger(__name__)
 
 RECORD = "pipeline.json"
 RECORD_FORMAT = "lkspec-pipeline/1"
+EXPORT_STAMPS = "exported-from.json"
 # everything run_pipeline and write_report put in an output folder: all that --fresh may delete
-OUTPUTS = ("data", "runs", "eval", "export", "report.md", "metrics.png", RECORD)
+OUTPUTS = ("data", "starts", "runs", "eval", "export", "report.md", "metrics.png", RECORD)
 
 
 class DataPart(StrictModel):
@@ -175,6 +178,7 @@ class PipelineConfig(StrictModel):
 
     def train_config(self, spec: RunSpec, out: Path) -> Any:
         overrides = {
+            "start_cache": str(out / "starts"),  # every run of one arch and seed starts from one fit
             **flatten(self.train),
             **flatten(self.arch_train.get(spec.arch, {})),
             **(flatten(self.variants[spec.variant].train) if spec.variant else {}),
@@ -313,8 +317,13 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
                            tables=target.init_tensors).eval()
         groups.setdefault(DRAFTS[arch].short, []).append(DraftEntry(name, str(res.runs[name]), draft))
     for short, group in groups.items():
-        report = evaluate(target, group, cfg.eval, progress=progress)
         stem = out / "eval" / short
+        kept = stem.with_suffix(".state.json")  # a rerun with the same drafts and settings replays nothing
+        inputs = eval_inputs(cfg.eval, target.identity.model_dump(mode="json"), [(e.label, e.path) for e in group])
+        report = load_report(kept, inputs)
+        if report is None:
+            report = evaluate(target, group, cfg.eval, progress=progress)
+            save_report(kept, report, inputs)
         report.write_json(stem.with_suffix(".json"))
         report.write_markdown(stem.with_suffix(".md"))
         report.plot(stem.with_suffix(".png"))
@@ -335,8 +344,15 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
         stage(n_stages, "export: skipped (export.enabled: false)")
         return res
     t = stage(n_stages, f"export ({cfg.export.format} layout, {cfg.export.dtype}) with model cards")
+    stamps_file = out / "export" / EXPORT_STAMPS  # what each export was made from: a rerun rewrites only changes
+    stamps = read_json(stamps_file) if stamps_file.is_file() else {}
     for name, run_dir in res.runs.items():
         dst = out / "export" / name
+        made_from = {"weights": [sha256_file(f) for f in weight_files(run_dir)],
+                     "results": sha256_file(res.results[name]), "options": cfg.export.model_dump(mode="json")}
+        if stamps.get(name) == made_from and is_export(dst):
+            res.exports[name] = dst
+            continue
         try:
             export_draft(run_dir, dst, dtype=cfg.export.dtype, fmt=cfg.export.format,
                          base_model=cfg.export.base_model, eval_results=res.results[name], eval_draft=name,
@@ -346,6 +362,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
             res.not_exported[name] = str(exc)
             continue
         res.exports[name] = dst
+        stamps[name] = made_from
+        write_json(stamps_file, stamps)
     res.times.append(StageTime("export", time.perf_counter() - t, f"{len(res.exports)} drafts"))
     return res
 

@@ -44,11 +44,33 @@ class Doc:
         return int(self.input_ids.shape[0])
 
 
+LOCATION_KEYS = ("path", "tokens")  # index entries that say where something was, not what it is
+
+
+def _content(obj: Any) -> Any:
+    """The index without the locations it records (a moved output folder holds the same documents)."""
+    if isinstance(obj, dict):
+        return {k: _content(v) for k, v in obj.items() if not (k in LOCATION_KEYS and isinstance(v, str))}
+    if isinstance(obj, list):
+        return [_content(v) for v in obj]
+    return obj
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def data_identity(src: DocSource) -> dict[str, str]:
     """Where the documents are and what they are: the absolute path and a digest of the index (which lists
-    every shard's rows and token counts and the target), so a resumed run can refuse any other documents."""
-    digest = hashlib.sha256(json.dumps(src.index, sort_keys=True).encode()).hexdigest()
-    return {"path": str(Path(src.path).resolve()), "fingerprint": digest[:20]}
+    every shard's rows and token counts and the target, but not where the index says its inputs were), so a
+    resumed run can refuse any other documents and accept the same ones moved elsewhere."""
+    return {"path": str(Path(src.path).resolve()), "fingerprint": _digest(_content(src.index))}
+
+
+def same_documents(src: DocSource, fingerprint: str) -> bool:
+    """Whether `fingerprint` (recorded by data_identity) names these documents; digests recorded before the
+    locations were left out (which a moved folder changed) are accepted too."""
+    return fingerprint in (data_identity(src)["fingerprint"], _digest(src.index))
 
 
 def storage_dtype(name: str) -> torch.dtype:

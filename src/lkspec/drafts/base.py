@@ -150,7 +150,12 @@ class Draft(torch.nn.Module, ABC):
         """Per-head logits over the target's vocabulary, head k (1-based) -> [B, T-k-first, V] for anchors
         first..T-k-1; see the module docstring for alignment (a truncated draft gives -inf outside its token
         map). Positions before `first` are context only (they matter to a draft that attends)."""
-        return [self.full_logits(s @ self.head_weight(k).T) for k, s in
+        return [self.full_logits(z) for z in self.head_logits(hidden, input_ids, first=first)]
+
+    def head_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, first: int = 0) -> list[torch.Tensor]:
+        """`forward` over the heads' own rows ([B, T-k-first, N], N = head_rows, row i is target id
+        token_map[i]): what a consumer that can work on the token map reads, without V-wide -inf padding."""
+        return [s @ self.head_weight(k).T for k, s in
                 enumerate(self.head_states(hidden[:, first:], input_ids[:, first:]), 1)]
 
     @abstractmethod

@@ -279,8 +279,8 @@ class Eagle3(Draft):
             out.append(self.norm(g))
         return out
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, first: int = 0) -> list[torch.Tensor]:
-        return [self.full_logits(s @ self.lm_head.weight.T) for s in self.head_states(hidden, input_ids, first=first)]
+    def head_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, first: int = 0) -> list[torch.Tensor]:
+        return [s @ self.lm_head.weight.T for s in self.head_states(hidden, input_ids, first=first)]
 
     # ----- generation: a context that grows round by round ------------------------------------
     def new_context(self, batch: int = 1) -> Eagle3Context:

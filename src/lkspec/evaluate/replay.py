@@ -174,13 +174,16 @@ def draft_traces(
         heads = []
         for di, draft in enumerate(drafts):
             t0 = time.perf_counter()
+            # a truncated draft is scored over its token map: q is 0 outside it, so nothing there changes a statistic
+            run = draft.head_logits if draft.token_map is not None else draft
             if draft.aux_layers:  # it reads aux states and attends: the whole prefix, anchors from s on
                 feats, full = aux_states(draft.aux_layers)
                 o = sample.prompt_len - 2  # hidden row r is position o + r
-                heads.append(draft(feats[None, : o + hi], full[None, : o + hi], first=o + s))
+                heads.append(run(feats[None, : o + hi], full[None, : o + hi], first=o + s))
             else:
-                heads.append(draft(hidden[None, s:hi], ids[None, s:hi]))
+                heads.append(run(hidden[None, s:hi], ids[None, s:hi]))
             seconds[di] += time.perf_counter() - t0
+        p_rows: dict[int, torch.Tensor] = {}  # p over each distinct token map's columns (drafts of a study share one)
         for k in range(1, K + 1):  # p and y at the positions head k is tested on, shared by every proposer
             c = min(e, n - k + 1) - s
             if c <= 0:
@@ -195,15 +198,25 @@ def draft_traces(
                 hit = (live & (d == yk)).float()
                 for name, v in {"q_y": hit, "p_y": p_y, "hit": hit, "alpha": p_d, "alpha_greedy": p_d}.items():
                     ng[name][k - 1, s : s + c] = v.double().cpu().numpy()
-            for di in range(len(drafts)):
+            for di, draft in enumerate(drafts):
                 t0 = time.perf_counter()
                 q = warp_probs(heads[di][k - 1][0, :c], temperature, top_k, top_p)
-                x_star = q.argmax(-1)
+                m = draft.token_map
+                if m is None:
+                    x_star, q_y, p_q = q.argmax(-1), q.gather(-1, yk[:, None]).squeeze(-1), p
+                else:  # q over the map's rows (ascending ids: the argmax breaks ties as over the vocabulary)
+                    x_star = m[q.argmax(-1)]
+                    j = torch.searchsorted(m, yk).clamp_max(m.numel() - 1)
+                    q_y = torch.where(m[j] == yk, q.gather(-1, j[:, None]).squeeze(-1), 0.0)
+                    key = m.data_ptr()
+                    if key not in p_rows:
+                        p_rows[key] = p_chunk.index_select(-1, m)
+                    p_q = p_rows[key][k - 1 : k - 1 + c]
                 stats = {
-                    "q_y": q.gather(-1, yk[:, None]).squeeze(-1),
+                    "q_y": q_y,
                     "p_y": p_y,
                     "hit": (x_star == yk).float(),
-                    "alpha": torch.minimum(p, q).sum(-1),
+                    "alpha": torch.minimum(p_q, q).sum(-1),
                     "alpha_greedy": p.gather(-1, x_star[:, None]).squeeze(-1),
                 }
                 for name, v in stats.items():

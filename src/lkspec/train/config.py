@@ -26,7 +26,7 @@ from lkspec.losses import DEFAULT_LOSS, GAMMA, LOSSES, check_loss_name
 CONFIG_YAML = "train_config.yaml"  # a run directory's copy of its resolved config
 
 # Keys that may differ on --resume: they change neither the weights nor the metric history.
-RESUMABLE_KEYS = ("progress", "max_steps")
+RESUMABLE_KEYS = ("progress", "max_steps", "start_cache")
 ARCH_OPTIONS = ("inner_dim", "tie_weights", "scale_input", "num_layers", "bias", "aux_layers", "intermediate_size")
 
 
@@ -138,6 +138,9 @@ class TrainConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps; the schedule is unchanged, "
                                   "so --resume can continue later.", **flag())
     seed: int = Field(0, description="Seed for draft init and data order.", **flag())
+    start_cache: str | None = Field(None, description="Directory that keeps each fitted start (token map, target "
+                                    "init) for reuse by runs with the same data, split, draft options and seed.",
+                                    **flag())
     checkpoint_every: int = Field(200, ge=0, description="Steps between checkpoints; 0 = epoch ends only.", **flag())
     log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl step records.", **flag())
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto (bf16 autocast on GPU, fp32 on "

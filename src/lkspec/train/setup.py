@@ -18,7 +18,7 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from lkspec.data.features import Doc, FeatureStore
-from lkspec.data.source import data_identity
+from lkspec.data.source import data_identity, same_documents
 from lkspec.drafts import DRAFTS, Draft, build_draft, load_draft
 from lkspec.errors import LkspecError
 from lkspec.io import read_json
@@ -27,6 +27,7 @@ from lkspec.train.batching import DataPlan, DocSource, plan_data, survey
 from lkspec.train.checkpoint import state_dir
 from lkspec.train.config import CONFIG_YAML, RESUMABLE_KEYS, DraftOptions, TrainConfig, changed_keys, config_dict
 from lkspec.train.distributed import DistContext, shard_draft
+from lkspec.train.starts import keep_start, load_start, start_key
 from lkspec.train.step import StepRunner, Teacher, head_modules
 from lkspec.train.vocab import choose_vocab, read_token_list
 
@@ -107,7 +108,7 @@ def check_same_data(run: Path, store: DocSource) -> None:
     if recorded is None:  # checkpoints older than the identity record
         return
     now = data_identity(store)
-    if now["fingerprint"] != recorded["fingerprint"]:
+    if not same_documents(store, recorded["fingerprint"]):
         where = "" if now["path"] == recorded["path"] else f" ({store.path} is {now['path']})"
         raise LkspecError(
             f"{run} was trained on the documents in {recorded['path']}, but the features given{where} hold "
@@ -207,6 +208,21 @@ def start_from_data(draft: Draft, cfg: TrainConfig, store: DocSource, plan: Data
     return notes
 
 
+def fitted_start(draft: Draft, cfg: TrainConfig, store: DocSource, plan: DataPlan,
+                 teacher: TeacherHead, *, writer: bool = True) -> dict[str, Any]:
+    """`start_from_data`, or the identical start kept in train.start_cache by an earlier run (lkspec.train.starts).
+    Only the `writer` (rank 0) keeps a new one."""
+    if cfg.start_cache is None:
+        return start_from_data(draft, cfg, store, plan, teacher)
+    cache, key = Path(cfg.start_cache), start_key(cfg, store, plan.train_rows, teacher.identity)
+    notes = load_start(cache, key, draft)
+    if notes is None:
+        notes = start_from_data(draft, cfg, store, plan, teacher)
+        if writer:
+            keep_start(cache, key, draft, notes)
+    return notes
+
+
 def scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     o = cfg.optim
     if o.schedule == "cosine":
@@ -238,7 +254,8 @@ def build_setup(config: TrainConfig, run: Path, *, store: DocSource | None, teac
     vocab = draft_vocab_size(cfg, teacher.identity)
     draft = new_draft(cfg, teacher.identity, init_from, vocab, teacher.config, teacher.init_tensors)
     store.check_aux_layers(list(draft.aux_layers), f"the {draft.arch} draft")
-    notes = start_from_data(draft, cfg, store, plan, teacher) if not resume and init_from is None else {}
+    fresh = not resume and init_from is None
+    notes = fitted_start(draft, cfg, store, plan, teacher, writer=ctx.is_main) if fresh else {}
     if cfg.draft.freeze:
         for p in draft.vocab_parameters():
             p.requires_grad_(False)
