@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,6 +177,15 @@ def test_a_rerun_reuses_the_fitted_starts_and_the_evaluation(tiny_target_dir: Pa
     assert same[0] == same[1]  # as text: a NaN (no prompt reached a head) equals itself there
     assert again.exports == first.exports and len(first.exports) == 4
 
+    monkeypatch.undo()
+    # killed before its first checkpoint: the step-0 draft and the config are there, no trainer_state/ (the rerun
+    # said the folder "already holds a training run")
+    shutil.rmtree(out / "runs" / "mlp-lk_hybrid-s1" / "trainer_state")
+    shutil.rmtree(out / "runs" / "mlp-lk_hybrid-s1" / "last")
+    pipeline.run_pipeline(cfg, out, progress=False, announce=lambda _: None)
+    assert (out / "runs" / "mlp-lk_hybrid-s1" / "trainer_state").is_dir()
+
+    monkeypatch.setattr(pipeline, "evaluate", refuse("replayed drafts whose evaluation was kept"))
     weights = out / "runs" / "mlp-kl-s1" / "model.safetensors"
     changed = bytearray(weights.read_bytes())
     changed[-1] ^= 1  # the last byte of the last tensor: still a valid draft, with other weights

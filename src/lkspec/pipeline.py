@@ -37,6 +37,7 @@ from lkspec.losses import BASELINE_LOSS, DEFAULT_LOSS, LOSSES, check_loss_name, 
 from lkspec.targets import load_target
 from lkspec.train import build_config, train
 from lkspec.train.checkpoint import state_dir
+from lkspec.train.config import CONFIG_YAML
 from lkspec.train.setup import draft_aux_layers
 
 log = logging.getLogger(__name__)
@@ -301,7 +302,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
         t = stage(3 + i, f"train {name}: {arch}, loss {loss}"
                   + (f" (eta {tcfg.eta:g})" if get_loss(loss).uses_eta else "")
                   + (f", seed {tcfg.seed}" if spec.seed is not None else ""))
-        resume = state_dir(run_dir) is not None
+        # a run killed before its first checkpoint left only its config and step-0 draft: resume starts it over
+        resume = state_dir(run_dir) is not None or (run_dir / CONFIG_YAML).is_file()
         result = train(tcfg, run_dir, store=store, target=target, resume=resume)
         res.runs[name] = run_dir
         if result.draft is not None:
