@@ -26,11 +26,10 @@ from lkspec.data.pipeline import run_all
 from lkspec.data.prompts import PromptConfig, load_prompts, write_prompts_jsonl
 from lkspec.data.regenerate import RegenConfig, regenerate
 from lkspec.drafts import DRAFTS, load_draft
-from lkspec.drafts.checkpoint import weight_files
 from lkspec.errors import LkspecError, NoServedLayoutError
 from lkspec.evaluate.run import DraftEntry, EvalSettings, evaluate
 from lkspec.evaluate.seeds import SeedTable, seed_table
-from lkspec.evaluate.stored import eval_inputs, load_report, save_report
+from lkspec.evaluate.stored import eval_inputs, load_report, save_report, weight_digests
 from lkspec.export.exporter import export_draft, is_export
 from lkspec.io import read_json, sha256_file, write_json, write_text
 from lkspec.losses import BASELINE_LOSS, DEFAULT_LOSS, LOSSES, check_loss_name, get_loss
@@ -314,6 +313,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
 
     t = stage(n_stages - 1, "evaluate: exact tau by coupling replay (target samples shared by all drafts)")
     groups: dict[str, list[DraftEntry]] = {}
+    digests = {name: weight_digests(run_dir) for name, run_dir in res.runs.items()}  # read by eval and export
     for name, arch in ((r.name, r.arch) for r in runs):  # paired within an architecture: baseline first
         draft = load_draft(res.runs[name], target=target.identity, device=target.device,
                            tables=target.init_tensors).eval()
@@ -321,7 +321,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     for short, group in groups.items():
         stem = out / "eval" / short
         kept = stem.with_suffix(".state.json")  # a rerun with the same drafts and settings replays nothing
-        inputs = eval_inputs(cfg.eval, target.identity.model_dump(mode="json"), [(e.label, e.path) for e in group])
+        inputs = eval_inputs(cfg.eval, target.identity.model_dump(mode="json"),
+                             [(e.label, e.path, digests[e.label]) for e in group])
         report = load_report(kept, inputs)
         if report is None:
             report = evaluate(target, group, cfg.eval, progress=progress)
@@ -350,7 +351,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, *, progress: bool = True,
     stamps = read_json(stamps_file) if stamps_file.is_file() else {}
     for name, run_dir in res.runs.items():
         dst = out / "export" / name
-        made_from = {"weights": [sha256_file(f) for f in weight_files(run_dir)],
+        made_from = {"weights": digests[name],
                      "results": sha256_file(res.results[name]), "options": cfg.export.model_dump(mode="json")}
         if stamps.get(name) == made_from and is_export(dst):
             res.exports[name] = dst

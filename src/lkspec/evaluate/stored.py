@@ -29,13 +29,19 @@ log = logging.getLogger(__name__)
 STORED_FORMAT = "lkspec-eval-state/1"
 
 
-def eval_inputs(settings: Any, target: dict[str, Any], drafts: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """What decides a report: settings (a pydantic model), the target identity, (label, draft directory)s."""
+def weight_digests(draft_dir: str | Path) -> list[str]:
+    """sha256 of each weight file of a draft directory: what says two evaluations saw the same draft."""
+    return [sha256_file(f) for f in weight_files(Path(draft_dir))]
+
+
+def eval_inputs(settings: Any, target: dict[str, Any],
+                drafts: Sequence[tuple[str, str, list[str]]]) -> dict[str, Any]:
+    """What decides a report: settings (a pydantic model), the target identity, and each draft's (label,
+    directory, weight_digests)."""
     return {
         "settings": settings.model_dump(mode="json"),
         "target": target,
-        "drafts": [{"label": lab, "path": str(path),
-                    "weights": [sha256_file(f) for f in weight_files(Path(path))]} for lab, path in drafts],
+        "drafts": [{"label": lab, "path": str(path), "weights": weights} for lab, path, weights in drafts],
     }
 
 

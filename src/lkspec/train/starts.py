@@ -60,9 +60,7 @@ def load_start(cache: Path, key: str, draft: Draft) -> dict[str, Any] | None:
         tensors = load_tensors(d / WEIGHTS)
         if record.get("format") != START_FORMAT:
             return None
-        if draft.token_map is not None and "token_map" in tensors:
-            draft.set_token_map(tensors["token_map"])
-        with torch.no_grad():
+        with torch.no_grad():  # the token map is a buffer of the state dict: loaded with the weights
             draft.load_state_dict(tensors)
     except (LkspecError, OSError, RuntimeError, KeyError, ValueError) as exc:  # damaged or foreign: refit it
         log.warning("fitted start %s is unusable (%s); fitting it again", d, exc)
