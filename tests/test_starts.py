@@ -75,6 +75,16 @@ def test_a_damaged_start_is_fitted_again(tiny_target: Target, tiny_target_dir: P
     assert "start_cache" in start_notes(run(features, tiny_target_dir, tiny_target, tmp_path / "d", cache))
 
 
+def test_a_start_cache_that_cannot_be_written_costs_a_warning_not_the_run(
+        tiny_target: Target, tiny_target_dir: Path, features: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    in_the_way = tmp_path / "starts"
+    in_the_way.write_text("not lkspec's")  # a file where the cache folder should go
+    done = run(features, tiny_target_dir, tiny_target, tmp_path / "a", in_the_way)
+    assert "could not keep the fitted start" in caplog.text and in_the_way.read_text() == "not lkspec's"
+    assert same_weights(done, run(features, tiny_target_dir, tiny_target, tmp_path / "b", None))
+
+
 def test_a_moved_output_folder_holds_the_same_documents(tiny_target: Target, tiny_target_dir: Path,
                                                         tmp_path: Path) -> None:
     """The pipeline's two data parts, read as one, record their own paths; moving the folder must not make a

@@ -70,6 +70,12 @@ def load_start(cache: Path, key: str, draft: Draft) -> dict[str, Any] | None:
 
 
 def keep_start(cache: Path, key: str, draft: Draft, notes: dict[str, Any]) -> None:
-    with atomic_dir(cache / key, overwrite=True) as tmp:
-        save_tensors(tmp / WEIGHTS, {k: v.detach().cpu() for k, v in draft.state_dict().items()}, dedupe=True)
-        write_json(tmp / NOTES, {"format": START_FORMAT, "notes": notes})
+    """Keep the start for later runs. The cache only saves time, so a cache that cannot be written (read-only,
+    full, a file in the way) costs a warning, never the run that has just fitted its start."""
+    try:
+        with atomic_dir(cache / key, overwrite=True) as tmp:
+            save_tensors(tmp / WEIGHTS, {k: v.detach().cpu() for k, v in draft.state_dict().items()}, dedupe=True)
+            write_json(tmp / NOTES, {"format": START_FORMAT, "notes": notes})
+    except (OSError, LkspecError) as exc:
+        log.warning("could not keep the fitted start in %s (%s); training goes on, later runs fit it again "
+                    "(point train.start_cache at a writable folder to share it)", cache, exc)
