@@ -93,6 +93,18 @@ def test_an_output_folder_refuses_other_settings(tmp_path: Path) -> None:
         _check_record(tmp_path, demo_config(quick=True, scale=2))
 
 
+def test_a_study_grows_in_its_own_folder(tmp_path: Path) -> None:
+    """docs/results.md runs the study one architecture at a time in one folder (`--set archs=[...]`, then
+    without it); that was refused as "different settings". Choosing runs may change, their inputs may not."""
+    cfg = demo_config(quick=True)
+    _check_record(tmp_path, cfg.model_copy(update={"archs": ["mlp_speculator"], "seeds": [0]}))
+    grown = cfg.model_copy(update={"archs": ["mlp_speculator", "medusa"], "seeds": [0, 1], "losses": ["kl"]})
+    _check_record(tmp_path, grown)
+    assert json.loads((tmp_path / RECORD).read_text())["config"] == grown.model_dump(mode="json")
+    with pytest.raises(LkspecError, match=r"train\.epochs.*--fresh"):
+        _check_record(tmp_path, grown.model_copy(update={"train": {**grown.train, "epochs": 9}}))
+
+
 def test_fresh_refuses_a_folder_lkspec_did_not_make(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "mine.txt").write_text("precious")
     code, out = cli(["demo", "--quick", "--out", str(tmp_path), "--fresh"], capsys)

@@ -221,6 +221,13 @@ class PipelineResult:
     not_exported: dict[str, str] = field(default_factory=dict)  # run name -> why its layout cannot hold it
 
 
+# Keys that only choose which runs exist, or settings each stage checks against what it kept: a run refuses to
+# resume under other training settings (train.setup), an evaluation replays again when its inputs changed
+# (lkspec.evaluate.stored), an export is redone when its stamp differs. So a study can grow (another
+# architecture, loss or seed) in its own folder; data, target and the shared train section cannot change there.
+RESELECTABLE = ("name", "archs", "losses", "seeds", "variants", "arch_options", "arch_train", "eval", "export")
+
+
 def _check_record(out: Path, cfg: PipelineConfig) -> None:
     """One output directory holds one config's results; a different config must not mix into it."""
     rec = out / RECORD
@@ -228,10 +235,14 @@ def _check_record(out: Path, cfg: PipelineConfig) -> None:
     if rec.is_file():
         old = read_json(rec).get("config")
         if old is not None and old != now:
-            keys = [line.split(":", 1)[0] for line in changed_keys(old, now)]
-            shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
-            raise LkspecError(f"{out} holds results of different settings ({shown}); choose another output folder "
-                              f"(--out) or pass --fresh to start over there")
+            keys = [line.split(":", 1)[0] for line in changed_keys(old, now, ignore=RESELECTABLE)]
+            if keys:
+                shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "")
+                raise LkspecError(f"{out} holds results of different settings ({shown}); choose another output "
+                                  f"folder (--out) or pass --fresh to start over there")
+            sections = sorted({line.split(":", 1)[0].split(".")[0] for line in changed_keys(old, now)})
+            log.info("%s: %s changed; finished runs are kept, new ones added", out, ", ".join(sections))
+            write_json(rec, {"format": RECORD_FORMAT, "config": now})
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json(rec, {"format": RECORD_FORMAT, "config": now})
