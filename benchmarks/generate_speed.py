@@ -114,12 +114,14 @@ def main() -> None:
           f"<= {n} new tokens, batch 1; K in {ks}")
     plain_generate(target, prompts[0], max_new_tokens=4, temperature=0)  # warm-up
 
-    passes = measure_pass_costs(target, max(ks) + 1)
-    print("\n1. target pass over k+1 new tokens / one token (after 200 cached tokens, + lm_head):")
-    print("   " + "  ".join(f"k={k}: {c / passes[0]:.2f}" for k, c in enumerate(passes)) +
-          f"   (one token: {1e3 * passes[0]:.1f} ms)")
-
     for T in temps:
+        # measured again before each temperature's block: the host drifts, and the prediction below should use
+        # the costs of the minutes it predicts
+        passes = measure_pass_costs(target, max(ks) + 1, reps=15)
+        print(f"\n1. T = {T:g} block: target pass over k+1 new tokens / one token (after 200 cached tokens, "
+              "+ lm_head):")
+        print("   " + "  ".join(f"k={k}: {c / passes[0]:.2f}" for k, c in enumerate(passes)) +
+              f"   (one token: {1e3 * passes[0]:.1f} ms)")
         configs = [("ngram", None)] + [(f"{kind}:{name}", d) for name, d in drafts.items()
                                        for kind in ("draft", "ngram+draft")]
         gens = {(label, k): SpeculativeGenerator(target, draft, k=k, temperature=T, proposer=label.split(":")[0])

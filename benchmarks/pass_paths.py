@@ -1,44 +1,47 @@
-"""What a cached target pass over 1..K+1 new tokens costs under two CPU fixes lkspec has not adopted yet.
+"""What a cached target pass over 1..K+1 new tokens costs with and without lkspec's CPU paths (lkspec.cpu_paths).
 
-    python benchmarks/pass_paths.py --rounds 2
+    python benchmarks/pass_paths.py --rounds 3
 
-1. `linear`: `F.linear(x, W)` with a handful of rows takes a slow MKL path on this CPU (SmolLM2's 49152 x 576
-   lm_head: 10-38 ms at 1-7 rows, against 3.4-15 ms for `(W @ x.T).T`, which for one row is fastest padded to
-   two). `fast` routes every linear with <= 16 rows through `(W @ x.T).T`.
-2. `gqa`: with a mask present (every multi-token pass), transformers' SDPA path copies the whole KV cache per
-   layer to repeat the grouped KV heads (`use_gqa_in_sdpa` is False whenever a mask is given);
-   `TRANSFORMERS_SDPA_FORCE_GQA=1` passes `enable_gqa` instead.
+Three configurations of the same loaded target, interleaved round-robin in one process, so a drifting host
+slows them alike:
 
-Each configuration's logits of one cached 7-token pass (masked, 7 rows: the shape both fixes change) are
+* `stock`: transformers' SDPA attention (which copies the KV cache per layer to repeat grouped KV heads
+  whenever a mask is given, i.e. in every multi-token pass) and `F.linear` everywhere: lkspec before
+  2026-12-03;
+* `linear`: every linear with <= 16 rows as `(W @ x.T).T` over an even number of rows, stock attention;
+* `lkspec`: both, what `load_target` sets up on CPU today.
+
+Each configuration's logits of one cached 7-token pass (masked, 7 rows: the shape both paths change) are
 compared with the stock ones.
-
-Configurations are interleaved round-robin in one process, so a drifting host slows them alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import statistics
 
 import torch
+from torch import nn
 
+import lkspec.targets.model as target_model
+from lkspec.cpu_paths import SmallRowsLinear, small_rows_linear, use_gqa_attention, use_small_rows_linears
 from lkspec.speed import measure_pass_costs
 from lkspec.targets import Target, cached_decoder, load_target
 
-_linear = torch.nn.functional.linear
+CONFIGS = ("stock", "linear", "lkspec")
 
 
-def fast_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    m = x.numel() // x.shape[-1]
-    if m > 16 or x.device.type != "cpu":
-        return _linear(x, w, b)
-    x2 = x.reshape(m, x.shape[-1])
-    if m == 1:  # one row takes MKL's gemv, slower here than a two-row product
-        x2 = torch.cat([x2, x2])
-    y = (w @ x2.t()).t()[:m]
-    if b is not None:
-        y = y + b
-    return y.reshape(*x.shape[:-1], w.shape[0])
+def configure(target: Target, name: str) -> None:
+    """Put the target's modules (and the lm_head projection) on one configuration's paths."""
+    for m in target.model.modules():
+        if type(m) is SmallRowsLinear:
+            m.__class__ = nn.Linear
+    target.model.set_attn_implementation("sdpa")
+    target_model.small_rows_linear = nn.functional.linear if name == "stock" else small_rows_linear
+    if name != "stock":
+        use_small_rows_linears(target.model)
+    if name == "lkspec":
+        assert use_gqa_attention(target.model), "the GQA attention does not apply to this target"
 
 
 @torch.no_grad()
@@ -56,24 +59,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="smollm2-135m-instruct")
     ap.add_argument("--max-tokens", type=int, default=7)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     target = load_target(args.target)
     ids = torch.randint(0, target.vocab_size, (1, 207), generator=torch.Generator().manual_seed(0))
+    passes: dict[str, list[tuple[float, ...]]] = {name: [] for name in CONFIGS}
     logits = {}
-    for _ in range(args.rounds):
-        for gqa in ("0", "1"):
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = gqa
-            for name, lin in (("stock", _linear), ("fast", fast_linear)):
-                torch.nn.functional.linear = lin
-                passes = measure_pass_costs(target, args.max_tokens, reps=11)
-                logits[gqa, name] = verify_logits(target, ids.to(target.device))
-                print(f"gqa={gqa} linear={name:5s} ms", [round(p * 1e3, 1) for p in passes],
-                      "relative", [round(p / passes[0], 2) for p in passes], flush=True)
-    torch.nn.functional.linear = _linear
-    ref = logits["0", "stock"]
-    for key, value in logits.items():
-        print("max |logit - stock|", key, float((value - ref).abs().max()))
+    for r in range(args.rounds):
+        for name in CONFIGS:
+            configure(target, name)
+            passes[name].append(measure_pass_costs(target, args.max_tokens, reps=11))
+            logits[name] = verify_logits(target, ids.to(target.device))
+            print(f"round {r} {name:6s} ms", [round(p * 1e3, 1) for p in passes[name][-1]], flush=True)
+    configure(target, "lkspec")
+    print("\nmedian over rounds, ms of a pass over 1..n new tokens, and relative to the configuration's one-token pass")
+    for name in CONFIGS:
+        med = [statistics.median(col) for col in zip(*passes[name], strict=True)]
+        print(f"{name:6s}", [round(p * 1e3, 1) for p in med], "relative", [round(p / med[0], 2) for p in med],
+              "| vs stock", [round(p / s, 2) for p, s in
+                             zip(med, [statistics.median(c) for c in zip(*passes['stock'], strict=True)],
+                                 strict=True)])
+    for name in CONFIGS:
+        print("max |logit - stock|", name, float((logits[name] - logits["stock"]).abs().max()))
 
 
 if __name__ == "__main__":

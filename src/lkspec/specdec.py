@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lkspec.cpu_paths import use_small_rows_linears
 from lkspec.drafts import Draft, check_draft_target
 from lkspec.errors import LkspecError
 from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
@@ -129,6 +130,7 @@ class SpeculativeGenerator:
             self.k = draft.num_heads if k is None else k
             draft = draft.with_num_heads(max(self.k, draft.num_heads))  # a recurrent draft drafts any K
             draft = draft.to(target.device).eval()
+            use_small_rows_linears(draft)  # it proposes a token at a time (lkspec.cpu_paths; CPU only)
         else:
             self.k = 6 if k is None else k
         if self.k < 1:

@@ -72,7 +72,11 @@ def best_k(cumulative: Sequence[float], costs: Costs, k_max: int) -> int:
 @torch.no_grad()
 def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, reps: int = 9) -> tuple[float, ...]:
     """Median seconds of a cached target pass (+ lm_head) over n = 1 .. max_tokens new tokens after `context`
-    tokens, the shape of a verification pass in the middle of a response."""
+    tokens, the shape of a verification pass in the middle of a response.
+
+    The sizes are timed round-robin (1, 2, .., max_tokens, then again), not one size after another: this
+    host's speed drifts by tens of percent within a minute, and only ratios taken at the same moments are
+    the ratios a round sees (timed size by size, a drift lands on some sizes and not on others)."""
     from transformers import DynamicCache
 
     decoder = cached_decoder(target.model)
@@ -80,17 +84,15 @@ def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, r
     ids = torch.randint(0, target.vocab_size, (1, context + max_tokens), generator=g).to(target.device)
     cache = DynamicCache(config=target.model.config)
     decoder(input_ids=ids[:, :context], cache=cache, use_cache=True)
-    out = []
-    for n in range(1, max_tokens + 1):
-        times = []
-        for _ in range(reps + 1):  # the first is a warm-up of this shape
+    times: list[list[float]] = [[] for _ in range(max_tokens)]
+    for _ in range(reps + 1):  # the first round is a warm-up of every shape
+        for n in range(1, max_tokens + 1):
             t0 = time.perf_counter()
             hs = decoder(input_ids=ids[:, context:context + n], cache=cache, use_cache=True).last_hidden_state
             target.logits_from_hidden(hs[0]).argmax(-1).tolist()  # waits for the device, as a round does
-            times.append(time.perf_counter() - t0)
+            times[n - 1].append(time.perf_counter() - t0)
             crop_cache(cache, context)
-        out.append(statistics.median(times[1:]))
-    return tuple(out)
+    return tuple(statistics.median(t[1:]) for t in times)
 
 
 class AdaptiveK:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from lkspec.cpu_paths import small_rows_linear, use_cpu_paths
 from lkspec.errors import LkspecError
 from lkspec.targets.resolve import EMBEDDED_NAME, resolve_target
 
@@ -76,7 +77,7 @@ def project_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if rows is not None:  # every transform below is elementwise, so a subset of rows projects the same
         rows = rows.to(weight.device)
         weight, bias = weight[rows], None if bias is None else bias[rows]
-    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+    logits = small_rows_linear(hidden.to(weight.dtype), weight, bias).float()
     if getattr(cfg, "logits_scaling", None):
         logits = logits / cfg.logits_scaling
     if getattr(cfg, "logit_scale", None) and cfg.model_type.startswith("cohere"):
@@ -317,4 +318,5 @@ def load_target(
             f"when this machine has no hub access"
         ) from exc
     model.to(dev).eval().requires_grad_(False)
+    use_cpu_paths(model)  # a round's few-token passes on CPU (lkspec.cpu_paths); a no-op on other devices
     return Target(name=name, model=model, tokenizer=tokenizer)
