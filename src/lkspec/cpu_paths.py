@@ -6,19 +6,20 @@ draft proposes one at a time. Both stock paths for such small shapes are slow on
 
 1. `F.linear` with 1-16 rows takes an MKL path up to several times slower than the same product written as
    `(W @ x.T).T` with an even number of rows (an odd count padded by repeating the last row; one row alone
-   dispatches to gemv). SmolLM2's 49152 x 576 lm_head: 10-35 ms at 1-7 rows against 4.8-9.6 ms; a whole
-   cached pass + lm_head at 200 cached tokens, 1 / 2 / 4 / 7 new tokens: 65 / 109 / 103 / 127 ms stock,
-   41 / 58 / 63 / 86 ms with both paths (2026-12-03, interleaved). Large row counts — training, prefill —
-   keep `F.linear`, which is the fast path there.
+   dispatches to gemv). SmolLM2's 49152 x 576 lm_head: 10-35 ms at 1-7 rows against 4.8-15 ms; a whole
+   cached pass + lm_head at 200 cached tokens, 1 / 2 / 4 / 7 new tokens: 68 / 105 / 105 / 104 ms stock,
+   40 / 36 / 52 / 78 ms with both paths (2026-12-03, interleaved, benchmarks/pass_paths.py). The result is
+   made contiguous: returned as a transposed view, it sent every attention of the next layer onto SDPA's
+   math kernel. Large row counts — training, prefill — keep `F.linear`, the fast path there.
 2. With a mask, which every multi-token pass over a cache has, transformers' SDPA attention repeats the
    grouped KV heads by copying the whole cache per layer (`use_gqa_in_sdpa` is False whenever a mask is
    given, because CUDA's fused kernels refuse masked GQA). On CPU, SDPA's `enable_gqa` takes the mask and
    gives identical logits without the copy.
 
 Both are plain rewrites of the same arithmetic (linear: float rounding differs in the last bits, as it does
-between any two GEMM shapes; attention: bit-identical on the reference host), so the target's distribution is
-unchanged and every exactness test runs through them. They apply on CPU only; on CUDA the stock paths are
-the fast ones.
+between any two GEMM shapes, 4e-5 on a 7-token pass's logits; attention: a max difference of 0.0
+measured), so the target's distribution is unchanged and every exactness test runs through them. They
+apply on CPU only; on CUDA the stock paths are the fast ones.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SMALL_ROWS = 16  # at most this many rows take the `W @ x.T` product (measured crossover is above 16)
+SMALL_ROWS = 16  # at most this many rows take the `W @ x.T` product (measured up to 16 rows)
 GQA_ATTENTION = "lkspec_sdpa_gqa"  # the transformers attention-interface name lkspec registers
 
 
@@ -41,7 +42,7 @@ def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     flat = x.reshape(rows, x.shape[-1])
     if rows % 2:
         flat = torch.cat([flat, flat[-1:]])
-    y = (weight @ flat.t()).t()[:rows].contiguous()  # a transposed result would push SDPA onto its math path
+    y = (weight @ flat.t()).t()[:rows].contiguous()
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
