@@ -25,8 +25,8 @@ from torch import nn
 
 import lkspec.targets.model as target_model
 from lkspec.cpu_paths import SmallRowsLinear, small_rows_linear, use_gqa_attention, use_small_rows_linears
-from lkspec.speed import measure_pass_costs
-from lkspec.targets import Target, cached_decoder, load_target
+from lkspec.speed import measure_pass_costs, verify_pass_logits
+from lkspec.targets import Target, load_target
 
 CONFIGS = ("stock", "linear", "lkspec")
 
@@ -44,17 +44,6 @@ def configure(target: Target, name: str) -> None:
         assert use_gqa_attention(target.model), "the GQA attention does not apply to this target"
 
 
-@torch.no_grad()
-def verify_logits(target: Target, ids: torch.Tensor, context: int = 200) -> torch.Tensor:
-    """Logits of a verification-shaped pass: the tokens after `context` cached ones."""
-    from transformers import DynamicCache
-
-    decoder, cache = cached_decoder(target.model), DynamicCache(config=target.model.config)
-    decoder(input_ids=ids[:, :context], cache=cache, use_cache=True)
-    hs = decoder(input_ids=ids[:, context:], cache=cache, use_cache=True).last_hidden_state
-    return target.logits_from_hidden(hs[0])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", default="smollm2-135m-instruct")
@@ -69,16 +58,14 @@ def main() -> None:
         for name in CONFIGS:
             configure(target, name)
             passes[name].append(measure_pass_costs(target, args.max_tokens, reps=11))
-            logits[name] = verify_logits(target, ids.to(target.device))
+            logits[name] = verify_pass_logits(target, ids.to(target.device), 200)
             print(f"round {r} {name:6s} ms", [round(p * 1e3, 1) for p in passes[name][-1]], flush=True)
     configure(target, "lkspec")
     print("\nmedian over rounds, ms of a pass over 1..n new tokens, and relative to the configuration's one-token pass")
-    for name in CONFIGS:
-        med = [statistics.median(col) for col in zip(*passes[name], strict=True)]
-        print(f"{name:6s}", [round(p * 1e3, 1) for p in med], "relative", [round(p / med[0], 2) for p in med],
-              "| vs stock", [round(p / s, 2) for p, s in
-                             zip(med, [statistics.median(c) for c in zip(*passes['stock'], strict=True)],
-                                 strict=True)])
+    med = {name: [statistics.median(col) for col in zip(*runs, strict=True)] for name, runs in passes.items()}
+    for name, ms in med.items():
+        print(f"{name:6s}", [round(p * 1e3, 1) for p in ms], "relative", [round(p / ms[0], 2) for p in ms],
+              "| vs stock", [round(p / s, 2) for p, s in zip(ms, med["stock"], strict=True)])
     for name in CONFIGS:
         print("max |logit - stock|", name, float((logits[name] - logits["stock"]).abs().max()))
 

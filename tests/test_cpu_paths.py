@@ -16,7 +16,8 @@ from lkspec.cpu_paths import (
     use_gqa_attention,
     use_small_rows_linears,
 )
-from lkspec.targets import Target, cached_decoder, load_target
+from lkspec.speed import verify_pass_logits
+from lkspec.targets import Target, load_target
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, SMALL_ROWS, SMALL_ROWS + 1, 40])
@@ -51,17 +52,6 @@ def test_linear_swap_keeps_parameters_and_state_dict() -> None:
     assert use_small_rows_linears(model) == 0  # already swapped: nothing to do
 
 
-@torch.no_grad()
-def verify_pass(target: Target, ids: torch.Tensor, context: int) -> torch.Tensor:
-    """Logits of a verification-shaped pass: the tokens after `context` cached ones (masked, several rows)."""
-    from transformers import DynamicCache
-
-    decoder, cache = cached_decoder(target.model), DynamicCache(config=target.model.config)
-    decoder(input_ids=ids[:, :context], cache=cache, use_cache=True)
-    hs = decoder(input_ids=ids[:, context:], cache=cache, use_cache=True).last_hidden_state
-    return target.logits_from_hidden(hs[0])
-
-
 def test_loaded_target_takes_both_paths(tiny_target: Target) -> None:
     assert tiny_target.model.config._attn_implementation == GQA_ATTENTION
     linears = [m for m in tiny_target.model.modules() if isinstance(m, nn.Linear)]
@@ -77,15 +67,15 @@ def test_gqa_attention_skips_the_kv_copy_and_keeps_the_logits(tiny_target_dir: P
     target = load_target(tiny_target_dir, device="cpu")
     assert target.model.config.num_key_value_heads < target.model.config.num_attention_heads
     ids = torch.randint(0, target.vocab_size, (1, 27), generator=torch.Generator().manual_seed(0))
-    fast = verify_pass(target, ids, 20)
+    fast = verify_pass_logits(target, ids, 20)
 
     calls = []
     real = sdpa.repeat_kv
     monkeypatch.setattr(sdpa, "repeat_kv", lambda *a: calls.append(1) or real(*a))
-    verify_pass(target, ids, 20)
+    verify_pass_logits(target, ids, 20)
     assert not calls, "the GQA path copied the KV cache"
     target.model.set_attn_implementation("sdpa")
-    stock = verify_pass(target, ids, 20)
+    stock = verify_pass_logits(target, ids, 20)
     assert calls, "the stock path no longer copies the cache: this test checks nothing"
     torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
     assert use_gqa_attention(target.model)

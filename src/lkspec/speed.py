@@ -70,6 +70,18 @@ def best_k(cumulative: Sequence[float], costs: Costs, k_max: int) -> int:
 
 
 @torch.no_grad()
+def verify_pass_logits(target: Target, ids: torch.Tensor, context: int) -> torch.Tensor:
+    """Target logits [n, V] of a verification-shaped pass: the n = len - `context` tokens of `ids` [1, len]
+    after `context` cached ones (masked, several rows: the shape the generator's rounds have)."""
+    from transformers import DynamicCache
+
+    decoder, cache = cached_decoder(target.model), DynamicCache(config=target.model.config)
+    decoder(input_ids=ids[:, :context], cache=cache, use_cache=True)
+    hs = decoder(input_ids=ids[:, context:], cache=cache, use_cache=True).last_hidden_state
+    return target.logits_from_hidden(hs[0])
+
+
+@torch.no_grad()
 def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, reps: int = 9) -> tuple[float, ...]:
     """Median seconds of a cached target pass (+ lm_head) over n = 1 .. max_tokens new tokens after `context`
     tokens, the shape of a verification pass in the middle of a response.
