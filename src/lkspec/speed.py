@@ -11,13 +11,17 @@ a one-token pass at K = 6). With the per-position acceptance the replay or a gen
 The first i drafts of a K-token round are the same tokens whatever K is (each head sees only what came
 before it), so the acceptance measured at the largest K predicts every smaller K. `best_k` maximises the
 speed-up; `lkspec generate --k auto` uses it with costs it measures itself and the acceptance of the
-rounds so far (`AdaptiveK`), which keeps the output exact: K is chosen before a round's draws.
+rounds so far (`AdaptiveK`), which keeps the output exact: K is chosen before a round's draws. Its pass
+costs follow the rounds it has run (`PassTimes`): timed up front in a few seconds they move by ±15 % per
+size on a shared host, and a 2-7-token pass costs within that of a one-token pass on the CPU paths, so
+that noise alone would decide K.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,6 +109,28 @@ def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, r
             times[n - 1].append(time.perf_counter() - t0)
             crop_cache(cache, context)
     return tuple(statistics.median(t[1:]) for t in times)
+
+
+class PassTimes:
+    """Pass costs that follow the verification passes actually run: each size's median over its last
+    `window` passes once it has `min_seen` of them; a size not run enough keeps its up-front time, scaled by
+    how much slower or faster the run sizes have turned out than their up-front times (the host's drift, so
+    that an unused K is not made to look cheap or dear by the clock alone)."""
+
+    def __init__(self, measured: Sequence[float], *, window: int = 64, min_seen: int = 3) -> None:
+        self.measured, self.min_seen = tuple(measured), min_seen
+        self.seen: list[deque[float]] = [deque(maxlen=window) for _ in self.measured]
+
+    def record(self, tokens: int, seconds: float) -> None:
+        """One target pass (+ lm_head) over `tokens` new tokens took `seconds`."""
+        if 1 <= tokens <= len(self.seen):
+            self.seen[tokens - 1].append(seconds)
+
+    def passes(self) -> tuple[float, ...]:
+        run = [statistics.median(s) if len(s) >= self.min_seen else None for s in self.seen]
+        ratios = [r / m for r, m in zip(run, self.measured, strict=True) if r is not None and m > 0]
+        drift = statistics.median(ratios) if ratios else 1.0
+        return tuple(m * drift if r is None else r for r, m in zip(run, self.measured, strict=True))
 
 
 class AdaptiveK:

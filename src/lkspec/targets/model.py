@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from lkspec.cpu_paths import small_rows_linear, use_cpu_paths
+from lkspec.cpu_paths import cpu_linear, use_cpu_paths
 from lkspec.errors import LkspecError
 from lkspec.targets.resolve import EMBEDDED_NAME, resolve_target
 
@@ -77,7 +77,7 @@ def project_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if rows is not None:  # every transform below is elementwise, so a subset of rows projects the same
         rows = rows.to(weight.device)
         weight, bias = weight[rows], None if bias is None else bias[rows]
-    logits = small_rows_linear(hidden.to(weight.dtype), weight, bias).float()
+    logits = cpu_linear(hidden.to(weight.dtype), weight, bias).float()
     if getattr(cfg, "logits_scaling", None):
         logits = logits / cfg.logits_scaling
     if getattr(cfg, "logit_scale", None) and cfg.model_type.startswith("cohere"):
