@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from tests.test_specdec import chi_square_ranks, make_small_vocab_target, small_
 
 from lkspec.errors import LkspecError
 from lkspec.specdec import SpeculativeGenerator
-from lkspec.speed import AdaptiveK, Costs, PassTimes, best_k, expected_tau, predicted_speedup
+from lkspec.speed import AdaptiveK, Costs, best_k, expected_tau, paired_costs, predicted_speedup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,27 +53,14 @@ def test_adaptive_k_lowers_k_when_drafts_are_rejected_and_keeps_it_when_accepted
     assert AdaptiveK(timed, 6).update(6, 6) < good.k  # a proposal that costs a pass a token is cut back
 
 
-def test_pass_times_follow_the_passes_run_and_scale_the_unrun_sizes_by_the_drift() -> None:
-    times = PassTimes((1.0, 1.0, 1.2, 1.0), min_seen=3)
-    assert times.passes() == (1.0, 1.0, 1.2, 1.0)  # nothing run yet: the up-front times
-    for s in (2.0, 2.1, 1.9, 9.0):  # a 3-token pass, four times (one outlier)
-        times.record(3, s)
-    times.record(2, 5.0)  # seen once: not trusted yet
-    times.record(9, 1.0)  # a size it does not track
-    # size 3 is its median (2.05); the host ran it at 2.05 / 1.2 of its up-front time, so the rest scale alike
-    assert times.passes() == pytest.approx((2.05 / 1.2, 2.05 / 1.2, 2.05, 2.05 / 1.2))
-
-
-def test_k_auto_times_every_verification_pass_it_runs() -> None:
-    target = make_small_vocab_target()
-    gen = SpeculativeGenerator(target, small_draft(target), k="auto", temperature=1.0)
-    res = gen.generate([1, 2, 3], max_new_tokens=60, seed=0)
-    assert gen._pass_times is not None
-    seen = [len(s) for s in gen._pass_times.seen]
-    assert sum(seen) == res.rounds and seen[0] == 0  # a draft round verifies at least 2 tokens
-    assert all(seen[k] == res.drafted.count(k) for k in range(1, 4))
-    gen.generate([1, 2, 3], max_new_tokens=20, seed=1)  # a later call keeps learning the same machine
-    assert sum(len(s) for s in gen._pass_times.seen) > res.rounds
+def test_pass_costs_pair_each_size_with_the_one_token_pass_of_its_round() -> None:
+    """The host slows down 3x inside round 3, after its one-token pass and before its 2-token pass: the
+    sizes' separate medians land on a fast round for one size and a slow one for the other and report 6
+    one-token passes; ratios within each round keep the true 2."""
+    one = [1.0 * f for f in (1, 1, 1, 3, 3)]
+    two = [2.0 * f for f in (1, 1, 3, 3, 3)]
+    assert statistics.median(two) / statistics.median(one) == 6.0
+    assert paired_costs([one, two]) == pytest.approx((1.0, 2.0))
 
 
 @pytest.mark.parametrize("proposer", ["draft", "ngram+draft"])

@@ -36,7 +36,7 @@ from lkspec.drafts import Draft, check_draft_target
 from lkspec.errors import LkspecError
 from lkspec.proposers import NGRAM, PROPOSER_KINDS, NgramIndex, NgramSettings
 from lkspec.sampling import check_temperature, sample, warp_probs
-from lkspec.speed import AUTO, AdaptiveK, Costs, PassTimes, measure_pass_costs
+from lkspec.speed import AUTO, AdaptiveK, Costs, measure_pass_costs
 from lkspec.targets import Target, cached_decoder, crop_cache, select_features
 
 GEN_RULES = ("sampled", "greedy")
@@ -123,7 +123,6 @@ class SpeculativeGenerator:
             raise LkspecError(f"K must be a number of tokens or {AUTO!r}, got {k!r}")
         self.auto_k, k = k == AUTO, None if k == AUTO else k  # auto: K chosen per round, at most the default
         self._costs: Costs | None = None
-        self._pass_times: PassTimes | None = None  # `--k auto`: the passes this generator has run, by size
         if self.uses_draft:
             if draft is None:
                 raise LkspecError(f"proposer {proposer!r} needs a trained draft; pass one, or use --proposer ngram")
@@ -239,8 +238,6 @@ class SpeculativeGenerator:
         decoder = cached_decoder(target.model)
         kinds = ("match", "no match") if self.uses_ngram else ("draft",)  # see AdaptiveK
         auto = {kind: AdaptiveK(self.costs(), K) for kind in kinds} if self.auto_k else {}
-        if self.auto_k and (self._pass_times is None or self._pass_times.measured != self.costs().passes):
-            self._pass_times = PassTimes(self.costs().passes)
         clock = _Clock()
         cache = DynamicCache(config=target.model.config)
         ids = torch.tensor([prompt], device=dev)
@@ -265,7 +262,7 @@ class SpeculativeGenerator:
             passed = decoder(input_ids=torch.cat([last[:, None], drafts[None]], 1), cache=cache, use_cache=True,
                              **wide)
             logits = self.target.logits_from_hidden(passed.last_hidden_state[0])  # [m+1, V]
-            verify = clock.lap("verify")
+            clock.lap("verify")
             j, new = self._greedy_round(logits, drafts) if self.temperature == 0 else self._round(logits, drafts, q, g)
             clock.lap("accept")
             crop_cache(cache, base + 1 + j)  # keep `last` and the accepted drafts
@@ -289,10 +286,8 @@ class SpeculativeGenerator:
                 on_tokens(new)
             clock.lap("bookkeeping")
             if adapt is not None:
-                assert self._pass_times is not None
                 n_drafted += drafted[-1]
-                self._pass_times.record(drafted[-1] + 1, verify)
-                costs = Costs.measured(self._pass_times.passes(), clock.phases, len(log), n_drafted)
+                costs = Costs.measured(adapt.costs.passes, clock.phases, len(log), n_drafted)
                 for a in auto.values():
                     a.costs = costs
                 adapt.update(drafted[-1], j)
@@ -331,12 +326,10 @@ class _Clock:
         self.start = self.mark = time.perf_counter()
         self.phases = dict.fromkeys(PHASES, 0.0)
 
-    def lap(self, phase: str) -> float:
-        """Charge the seconds since the last lap to `phase`; returns them."""
+    def lap(self, phase: str) -> None:
         now = time.perf_counter()
-        seconds, self.mark = now - self.mark, now
-        self.phases[phase] += seconds
-        return seconds
+        self.phases[phase] += now - self.mark
+        self.mark = now
 
     @property
     def total(self) -> float:

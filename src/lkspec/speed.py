@@ -2,7 +2,8 @@
 
 τ alone does not say whether speculative decoding pays: a round costs one target pass over K + 1 tokens
 plus the draft's proposal, and on a small machine that pass is far from free (2-core CPU, SmolLM2: ~1.9×
-a one-token pass at K = 6). With the per-position acceptance the replay or a generator run measured,
+a one-token pass at K = 6 with stock kernels, ~1.3× on `lkspec.cpu_paths`). With the per-position
+acceptance the replay or a generator run measured,
 
     τ(K)       = 1 + Σ_{i ≤ K} P(the first i drafts are all accepted)      (`acceptance_cumulative`)
     round(K)   = pass(K + 1 tokens) + K · propose-per-token + overhead      (seconds, measured)
@@ -12,16 +13,15 @@ The first i drafts of a K-token round are the same tokens whatever K is (each he
 before it), so the acceptance measured at the largest K predicts every smaller K. `best_k` maximises the
 speed-up; `lkspec generate --k auto` uses it with costs it measures itself and the acceptance of the
 rounds so far (`AdaptiveK`), which keeps the output exact: K is chosen before a round's draws. Its pass
-costs follow the rounds it has run (`PassTimes`): timed up front in a few seconds they move by ±15 % per
-size on a shared host, and a 2-7-token pass costs within that of a one-token pass on the CPU paths, so
-that noise alone would decide K.
+costs are the ones timed up front, all sizes round-robin at the same moments: per-size medians of the passes
+a run has made were tried and made `--k auto` slower (docs/evaluation.md), because each size's window then
+holds other minutes of a host whose speed drifts, the size-by-size error the round-robin timing removes.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,7 +92,8 @@ def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, r
 
     The sizes are timed round-robin (1, 2, .., max_tokens, then again), not one size after another: this
     host's speed drifts by tens of percent within a minute, and only ratios taken at the same moments are
-    the ratios a round sees (timed size by size, a drift lands on some sizes and not on others)."""
+    the ratios a round sees (timed size by size, a drift lands on some sizes and not on others). For the
+    same reason each size's cost is taken relative to the one-token pass of its own round (`paired_costs`)."""
     from transformers import DynamicCache
 
     decoder = cached_decoder(target.model)
@@ -108,29 +109,18 @@ def measure_pass_costs(target: Target, max_tokens: int, *, context: int = 200, r
             target.logits_from_hidden(hs[0]).argmax(-1).tolist()  # waits for the device, as a round does
             times[n - 1].append(time.perf_counter() - t0)
             crop_cache(cache, context)
-    return tuple(statistics.median(t[1:]) for t in times)
+    return paired_costs([t[1:] for t in times])
 
 
-class PassTimes:
-    """Pass costs that follow the verification passes actually run: each size's median over its last
-    `window` passes once it has `min_seen` of them; a size not run enough keeps its up-front time, scaled by
-    how much slower or faster the run sizes have turned out than their up-front times (the host's drift, so
-    that an unused K is not made to look cheap or dear by the clock alone)."""
-
-    def __init__(self, measured: Sequence[float], *, window: int = 64, min_seen: int = 3) -> None:
-        self.measured, self.min_seen = tuple(measured), min_seen
-        self.seen: list[deque[float]] = [deque(maxlen=window) for _ in self.measured]
-
-    def record(self, tokens: int, seconds: float) -> None:
-        """One target pass (+ lm_head) over `tokens` new tokens took `seconds`."""
-        if 1 <= tokens <= len(self.seen):
-            self.seen[tokens - 1].append(seconds)
-
-    def passes(self) -> tuple[float, ...]:
-        run = [statistics.median(s) if len(s) >= self.min_seen else None for s in self.seen]
-        ratios = [r / m for r, m in zip(run, self.measured, strict=True) if r is not None and m > 0]
-        drift = statistics.median(ratios) if ratios else 1.0
-        return tuple(m * drift if r is None else r for r, m in zip(run, self.measured, strict=True))
+def paired_costs(times: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """Seconds per size from round-robin timings `times[size][round]`: the one-token pass's median times the
+    median over rounds of each size's ratio to that round's one-token pass. Medians taken size by size pick
+    different rounds, so a slowdown that starts inside a round (this host's speed moves within seconds) moves
+    one size and not the next; on the embedded target, six back-to-back measurements of a 3-token pass read
+    0.93-1.32 one-token passes by separate medians and 1.08-1.23 by paired ratios (2026-12-04)."""
+    one = times[0]
+    return tuple(statistics.median(one) * statistics.median(a / b for a, b in zip(t, one, strict=True))
+                 for t in times)
 
 
 class AdaptiveK:
