@@ -78,6 +78,8 @@ def test_demo_presets_scale_and_reject_bad_knobs() -> None:
     assert quick.data.prompts.limit < full.data.prompts.limit
     assert demo_config(scale=2).data.prompts.limit == 2 * full.data.prompts.limit
     assert demo_config(scale=2).eval.limit == 2 * full.eval.limit
+    for cfg in (full, quick, demo_config(scale=3)):  # trained on the benchmarks past the prompts it evaluates
+        assert all(p.source.startswith("bench:") and p.skip >= cfg.eval.limit for _, p, _ in cfg.data.parts())
     assert demo_config(arch="all").archs == ["mlp_speculator", "medusa"]
     with pytest.raises(LkspecError, match="--arch"):
         demo_config(arch="eagle")
@@ -204,3 +206,17 @@ def test_a_rerun_reuses_the_fitted_starts_and_the_evaluation(tiny_target_dir: Pa
     weights.write_bytes(bytes(changed))
     with pytest.raises(AssertionError, match="replayed drafts"):
         pipeline.run_pipeline(cfg, out, progress=False, announce=lambda _: None)
+
+
+def test_training_on_an_evaluated_benchmark_must_skip_its_evaluated_prompts() -> None:
+    part = {"prompts": {"source": "bench:gsm8k", "skip": 5}}
+    with pytest.raises(LkspecError, match=r"data\.extra\[0\]\.prompts\.skip >= 10"):
+        load_pipeline_config(None, {"data": {"extra": [part]}, "eval": {"limit": 10}})
+    with pytest.raises(LkspecError, match=r"data\.prompts trains on mtbench, gsm8k from prompt 40.*all of their"):
+        load_pipeline_config(None, {"data": {"prompts": {"source": "bench:mt-bench,gsm8k", "skip": 40}}})
+    cfg = load_pipeline_config(None, {"data": {"extra": [{"prompts": {"source": "bench:gsm8k", "skip": 10}}]},
+                                      "eval": {"limit": 10}})
+    assert cfg.data.extra[0].prompts.skip == 10
+    # a benchmark the evaluation does not read may be trained on from its first prompt
+    load_pipeline_config(None, {"data": {"prompts": {"source": "bench:humaneval"}},
+                                "eval": {"benchmarks": ["gsm8k"], "limit": 10}})

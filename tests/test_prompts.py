@@ -204,3 +204,19 @@ def test_jsonl_edge_cases_are_counted_or_named(tmp_path: Path, caplog: pytest.Lo
     arr.write_text('[\n  {"prompt": "x"},\n  {"prompt": "y"}\n]\n')
     with pytest.raises(LkspecError, match=r"a\.jsonl holds a JSON array, not JSON Lines .* rename it to a\.json"):
         load_prompts(source=str(arr))
+
+
+def test_bench_source_reads_past_the_evaluated_prompts() -> None:
+    from lkspec.data.benchmarks import load_benchmark
+
+    records = load_benchmark("gsm8k")
+    ps = load_prompts(source="bench:gsm8k", skip=40, shuffle=False)
+    assert len(ps.records) == len(records) - 40
+    assert ps.records[0].messages == records[40].messages  # the published order, past the first 40
+    assert not {r.messages[-1]["content"] for r in ps.records} & {r.messages[-1]["content"] for r in records[:40]}
+    both = load_prompts(source="bench:human-eval,gsm8k", skip=90, shuffle=False).records
+    assert [r.id.split("/")[0] for r in both] == ["humaneval"] * (164 - 90) + ["gsm8k"] * (100 - 90)  # per benchmark
+    with pytest.raises(LkspecError, match="unknown benchmark 'nope'"):
+        load_prompts(source="bench:nope")
+    with pytest.raises(LkspecError, match="empty after filtering"):
+        load_prompts(source="bench:gsm8k", skip=1000)

@@ -23,6 +23,7 @@ from lkspec.config import StrictModel, changed_keys, flatten, layered, parse
 from lkspec.data.combined import CombinedSource
 from lkspec.data.features import FeatureOptions, FeatureStore, OnlineFeatures
 from lkspec.data.pipeline import run_all
+from lkspec.data.prompt_sources import check_disjoint
 from lkspec.data.prompts import PromptConfig, load_prompts, write_prompts_jsonl
 from lkspec.data.regenerate import RegenConfig, regenerate
 from lkspec.drafts import DRAFTS, load_draft
@@ -148,6 +149,9 @@ class PipelineConfig(StrictModel):
         for spec in self.runs():  # every run's training config must parse now, not hours later
             self.train_config(spec, Path("."))
         self.eval.checked()
+        for i, (_, prompts, _) in enumerate(self.data.parts()):
+            check_disjoint(prompts, self.eval.benchmarks, self.eval.limit,
+                           "data.prompts" if i == 0 else f"data.extra[{i - 1}].prompts")
         return self
 
     def runs(self) -> list[RunSpec]:

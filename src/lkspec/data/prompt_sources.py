@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import Field
 
 from lkspec.config import StrictModel, flag
+from lkspec.data.benchmarks import canonical_name, load_benchmark
 from lkspec.data.json_array import iter_json_array
 from lkspec.errors import LkspecError
 
@@ -37,8 +38,9 @@ class PromptConfig(StrictModel):
     """Which prompts, in which order. Recorded in the tokens dataset's metadata."""
 
     source: str = Field("sharegpt", description=(
-        "Prompt source: 'sharegpt' (bundled, offline), a .jsonl file, a Hugging Face dataset id (org/name or "
-        "hf:org/name, needs a hub) or a local dataset directory."), **flag("--prompts"))
+        "Prompt source: 'sharegpt' (bundled, offline), 'bench:<name>[,<name>...]' (evaluation benchmarks' prompts "
+        "in published order: mtbench, humaneval, gsm8k; --skip past the ones evaluated), a .jsonl file, a Hugging "
+        "Face dataset id (org/name or hf:org/name, needs a hub) or a local dataset directory."), **flag("--prompts"))
     hf_config: str | None = Field(None, description="Hugging Face dataset config (e.g. 0625 for "
                                   "BAAI/Infinity-Instruct, the default there).", **flag())
     split: str = Field("train", description="Hugging Face dataset split.", **flag())
@@ -62,6 +64,9 @@ class PromptConfig(StrictModel):
     shuffle: bool = Field(True, description="Shuffle with the seed (else keep the source order).", **flag())
     seed: int = Field(0, description="Seed of the prompt shuffle and of response sampling.", **flag())
     limit: int | None = Field(None, description="Keep at most this many prompts (after the shuffle).", **flag())
+    skip: int = Field(0, ge=0, description="Drop the source's first N rows, in its own order, before any filter; "
+                      "for bench:<names> the first N prompts of each benchmark (the ones an evaluation with limit "
+                      "<= N reads).", **flag())
 
 
 # (id, row, where): `where` names the row in messages ("p.jsonl:3"). A reader yields None for an entry that
@@ -178,6 +183,7 @@ class Reader:
     messages: Callable[[Any, PromptConfig], Messages | None] = extract_messages
     # rows without a prompt are expected here: counted as no_prompt, never malformed nor a --strict error
     prompt_optional: bool = False
+    skips_itself: bool = False  # `rows` applies cfg.skip (per benchmark); otherwise the source's first rows go
 
 
 def _row_id(row: Any, cfg: PromptConfig, fallback: str) -> str:
@@ -254,6 +260,35 @@ def _hf_rows(cfg: PromptConfig) -> Iterator[Row]:
         yield (f"{name}/{rid}" if rid is not None else f"{name}/{i}"), row, f"{name} row {i}"
 
 
+BENCH_PREFIX = "bench:"
+
+
+def bench_names(source: str) -> list[str] | None:
+    """The benchmarks a `bench:<name>[,<name>...]` source reads (canonical names), None for any other source."""
+    if not source.startswith(BENCH_PREFIX):
+        return None
+    return [canonical_name(n.strip()) for n in source.removeprefix(BENCH_PREFIX).split(",") if n.strip()]
+
+
+def _bench_rows(cfg: PromptConfig) -> Iterator[Row]:
+    """Each named benchmark in published order, past its own first `skip` prompts (the ones evaluated)."""
+    for name in bench_names(cfg.source) or []:
+        for i, rec in enumerate(load_benchmark(name)[cfg.skip :], cfg.skip):
+            yield f"{name}/{rec.id}", {"messages": rec.messages}, f"{name} item {i}"
+
+
+def check_disjoint(prompts: PromptConfig, benchmarks: list[str], limit: int | None, part: str) -> None:
+    """Training prompts from an evaluated benchmark must start past the ones the evaluation reads (its first
+    `limit`; all of them when None), or tau would be measured on prompts the draft trained on."""
+    evaluated = {canonical_name(b) for b in benchmarks}
+    overlap = [n for n in bench_names(prompts.source) or [] if n in evaluated]
+    if overlap and (limit is None or prompts.skip < limit):
+        reads = "all of their prompts" if limit is None else f"the first {limit} prompts of each"
+        raise ValueError(f"{part} trains on {', '.join(overlap)} from prompt {prompts.skip}, but the evaluation "
+                         f"reads {reads}; set {part}.skip >= {limit or 'eval.limit'} so that training and evaluation "
+                         f"prompts are disjoint")
+
+
 def _is_hf(source: str) -> bool:
     if source.startswith("hf:"):
         return True
@@ -265,6 +300,7 @@ def _is_hf(source: str) -> bool:
 
 SOURCES: dict[str, Reader] = {
     "sharegpt": Reader(lambda s: s == "sharegpt", _sharegpt_rows, _sharegpt_messages, prompt_optional=True),
+    "bench": Reader(lambda s: s.startswith(BENCH_PREFIX), _bench_rows, skips_itself=True),
     "json": Reader(lambda s: not s.startswith("hf:") and s.endswith(".json"), _json_array_rows),
     "jsonl": Reader(lambda s: not s.startswith("hf:") and (Path(s).expanduser().is_file()
                                                            or s.endswith((".jsonl", ".jsonl.gz"))), _jsonl_rows),
@@ -278,5 +314,6 @@ def source_kind(source: str) -> str:
         if reader.recognises(source):
             return kind
     raise LkspecError(
-        f"prompt source {source!r} is not 'sharegpt', a .jsonl file, a dataset directory or a hub id (org/name)"
+        f"prompt source {source!r} is not 'sharegpt', 'bench:<name>', a .jsonl file, a dataset directory or a hub "
+        f"id (org/name)"
     )

@@ -22,6 +22,7 @@ that chain are one `FilterStats`. The names of `prompt_sources` and `json_array`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -162,8 +163,8 @@ def _cleaned(reader: Reader, cfg: PromptConfig, stats: FilterStats, progress: bo
     """Records that pass every filter, in source order; ids made unique (they key the tokens dataset)."""
     seen_text: set[str] = set()
     seen_ids: dict[str, int] = {}
-    rows = tqdm(reader.rows(cfg), desc=f"prompts from {cfg.source}", unit=" rows", disable=not progress,
-                mininterval=1.0)
+    source = reader.rows(cfg) if reader.skips_itself else itertools.islice(reader.rows(cfg), cfg.skip, None)
+    rows = tqdm(source, desc=f"prompts from {cfg.source}", unit=" rows", disable=not progress, mininterval=1.0)
     for row in rows:
         if row is None:
             stats.malformed += 1
