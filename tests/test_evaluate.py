@@ -299,3 +299,25 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_target_dir: Path, tiny_target:
         err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the loader's progress bar)
         assert err.startswith("error:") and "\n" not in err and hint in err, err
     assert not (tmp_path / "r.json").exists()  # nothing half-written
+
+
+def test_a_draft_is_not_scored_on_the_benchmark_prompts_it_trained_on(tmp_path: Path) -> None:
+    from lkspec.evaluate.run import DraftEntry, check_not_trained_on
+
+    def run_dir(name: str, source: dict[str, Any] | None) -> DraftEntry:
+        d = tmp_path / name
+        d.mkdir()
+        record = {"lkspec": {"data": {"source": source}}} if source is not None else {"architectures": ["x"]}
+        (d / "config.json").write_text(json.dumps(record))
+        return DraftEntry(name, str(d), None)  # type: ignore[arg-type]  # the check reads the record only
+
+    combined = run_dir("combined", {"parts": [{"prompts": {"source": "sharegpt"}},
+                                              {"prompts": {"source": "bench:mtbench,gsm8k", "skip": 20}}]})
+    with pytest.raises(LkspecError, match=r"'combined' was trained on gsm8k prompts from prompt 20.*--limit 20"):
+        check_not_trained_on(combined, ["humaneval", "gsm8k"], 40)
+    check_not_trained_on(combined, ["humaneval", "gsm8k"], 20)  # the first 20 were never trained on
+    check_not_trained_on(combined, ["humaneval"], None)
+    single = run_dir("single", {"prompts": {"source": "bench:humaneval"}})  # one feature store, skip unset
+    with pytest.raises(LkspecError, match="every prompt"):
+        check_not_trained_on(single, ["humaneval"], None)
+    check_not_trained_on(run_dir("outside", None), ["humaneval"], None)  # no training record: nothing to check

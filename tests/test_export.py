@@ -432,3 +432,14 @@ def test_card_compares_every_draft_of_the_evaluation(tmp_path: Path) -> None:
     assert "| **lk** (this draft) | 2.233 [2.18, 2.28] |" in card
     assert "| `kl` | 2.033 [1.98, 2.08] |" in card and "| `ngram` |" in card
     assert "`lk` − `kl` = +0.2000 tokens, 95% CI [+0.1500, +0.2500] (excludes 0)" in card
+
+
+def test_the_card_says_which_benchmark_prompts_trained_the_draft() -> None:
+    from lkspec.export.card_facts import data_words
+
+    part = {"prompts": {"source": "bench:mtbench,gsm8k", "skip": 40}, "settings": {"temperature": 0.0},
+            "counts": {"rows": 60}}
+    words = data_words({"source": {"parts": [part, {"prompts": {"source": "sharegpt"}, "counts": {"rows": 5}}]},
+                        "num_docs": 65, "num_tokens": 1000}, "T")
+    assert "60 T's own answers to `bench:mtbench,gsm8k` prompts past the first 40 at T = 0" in words
+    assert "5 T's own answers to `sharegpt` prompts —" in words  # no skip, no "past"

@@ -1,4 +1,5 @@
-"""Evaluation prompt sets (never used for training): MT-bench, HumanEval, GSM8K.
+"""Evaluation prompt sets: MT-bench, HumanEval, GSM8K (trained on only past the evaluated ones: prompt source
+`bench:<names>` with `skip`, which the pipeline and `lkspec eval` check).
 
 All three ship inside PyPI packages, so evaluation works offline:
 

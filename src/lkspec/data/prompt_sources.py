@@ -277,15 +277,20 @@ def _bench_rows(cfg: PromptConfig) -> Iterator[Row]:
             yield f"{name}/{rec.id}", {"messages": rec.messages}, f"{name} item {i}"
 
 
-def check_disjoint(prompts: PromptConfig, benchmarks: list[str], limit: int | None, part: str) -> None:
-    """Training prompts from an evaluated benchmark must start past the ones the evaluation reads (its first
-    `limit`; all of them when None), or tau would be measured on prompts the draft trained on."""
+def evaluated_overlap(source: str, skip: int, benchmarks: list[str], limit: int | None) -> list[str]:
+    """The evaluated benchmarks whose evaluated prompts (the first `limit`; all when None) a prompt source with
+    this `skip` reads: training on them would measure tau on prompts the draft trained on."""
     evaluated = {canonical_name(b) for b in benchmarks}
-    overlap = [n for n in bench_names(prompts.source) or [] if n in evaluated]
-    if overlap and (limit is None or prompts.skip < limit):
+    overlap = [n for n in bench_names(source) or [] if n in evaluated]
+    return overlap if overlap and (limit is None or skip < limit) else []
+
+
+def check_disjoint(prompts: PromptConfig, benchmarks: list[str], limit: int | None, part: str) -> None:
+    overlap = evaluated_overlap(prompts.source, prompts.skip, benchmarks, limit)
+    if overlap:
         reads = "all of their prompts" if limit is None else f"the first {limit} prompts of each"
-        raise ValueError(f"{part} trains on {', '.join(overlap)} from prompt {prompts.skip}, but the evaluation "
-                         f"reads {reads}; set {part}.skip >= {limit or 'eval.limit'} so that training and evaluation "
+        raise ValueError(f"{part} trains on {', '.join(overlap)} from prompt {prompts.skip}, but the evaluation reads "
+                         f"{reads}; set {part}.skip >= {limit or 'eval.limit'} so that training and evaluation "
                          f"prompts are disjoint")
 
 

@@ -7,6 +7,7 @@ temperature and seed, then replay each draft under each rule.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lkspec.config import StrictModel, flag, parse
 from lkspec.data.benchmarks import BENCHMARKS, canonical_name, load_benchmark
+from lkspec.data.prompt_sources import evaluated_overlap
 from lkspec.drafts import Draft, check_draft_target, load_draft
 from lkspec.errors import LkspecError
 from lkspec.evaluate.replay import (
@@ -161,6 +163,27 @@ def benchmark_prompts(target: Target, benchmarks: Sequence[str], limit: int | No
     return out
 
 
+def check_not_trained_on(entry: DraftEntry, benchmarks: list[str], limit: int | None) -> None:
+    """Refuse to score a draft on benchmark prompts its training data came from (`bench:` sources past `skip`,
+    as its run records them; drafts without that record, e.g. outside checkpoints, are not checked)."""
+    config = Path(entry.path) / "config.json"
+    try:
+        source = json.loads(config.read_text())["lkspec"]["data"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for part in source.get("parts", [source]) if isinstance(source, dict) else []:
+        prompts = part.get("prompts") if isinstance(part, dict) else None
+        if not isinstance(prompts, dict):
+            continue
+        skip = int(prompts.get("skip") or 0)
+        overlap = evaluated_overlap(str(prompts.get("source", "")), skip, benchmarks, limit)
+        if overlap:
+            reads = "every prompt" if limit is None else f"the first {limit} prompts"
+            raise LkspecError(f"draft {entry.label!r} was trained on {', '.join(overlap)} prompts from prompt {skip} "
+                              f"on, and this evaluation reads {reads} of each; pass --limit {skip} or fewer (or "
+                              f"other benchmarks) so that tau is measured on prompts it never saw")
+
+
 def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSettings, *,
              progress: bool = True, prompts: dict[str, list[Prompt]] | None = None) -> EvalReport:
     """Exact tau of every draft on shared target samples (see lkspec.evaluate.replay)."""
@@ -171,6 +194,9 @@ def evaluate(target: Target, drafts: Sequence[DraftEntry], settings: EvalSetting
     for e in drafts:
         check_draft_target(e.draft.config, target.identity, what=f"draft {e.label!r}")
     K = resolve_k(drafts, s.k)
+    if prompts is None:
+        for e in drafts:
+            check_not_trained_on(e, s.benchmarks, s.limit)
     prompts = prompts if prompts is not None else benchmark_prompts(target, s.benchmarks, s.limit)
     benchmarks = list(prompts)
     models = [e.draft for e in drafts]

@@ -86,12 +86,14 @@ def data_words(data: dict[str, Any] | None, base_model: str) -> str:
     pieces = []
     for p in parts:
         prompts = (p.get("prompts") or {}).get("source") or p.get("dataset")
+        skip = (p.get("prompts") or {}).get("skip")
+        past = f" past the first {skip}" if skip else ""  # e.g. a benchmark's prompts past the evaluated ones
         settings = p.get("settings") or p  # older runs recorded the settings flat
         rows = (p.get("counts") or {}).get("rows")
         if settings.get("backend") == "given":
             who = f"responses the target had written (source `{prompts}`)"
         else:
-            who = f"{base_model}'s own answers to `{prompts}` prompts" if prompts else f"{base_model}'s own answers"
+            who = f"{base_model}'s own answers" + (f" to `{prompts}` prompts{past}" if prompts else "")
         at = f" at {_temperature(settings['temperature'])}" if settings.get("temperature") is not None else ""
         cap = f", ≤ {settings['max_new_tokens']} new tokens" if settings.get("max_new_tokens") else ""
         pieces.append(f"{rows:,} {who}{at}{cap}" if isinstance(rows, int) else f"{who}{at}{cap}")
