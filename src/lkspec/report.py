@@ -115,7 +115,8 @@ def write_report(res: PipelineResult, *, command: str, total_s: float, title: st
         f"Command: `{command}` — machine: {machine()} — total {total_s / 60:.1f} min.",
         "",
         f"Target `{cfg.target}`; training data: {ds.get('docs')} responses ("
-        + "; ".join(f"{p.limit or 'all'} prompts from `{p.source}` (seed {p.seed}) answered by the target itself at "
+        + "; ".join(f"{p.limit or 'all'} prompts from `{p.source}`{f' past the first {p.skip}' if p.skip else ''} "
+                    f"(seed {p.seed}) answered by the target itself at "
                     f"T = {r.temperature:g}, at most {r.max_new_tokens} new tokens" for _, p, r in cfg.data.parts())
         + f"): {ds.get('tokens', 0):,} tokens, {ds.get('loss_tokens', 0):,} response tokens trained on.",
         "",

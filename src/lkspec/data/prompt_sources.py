@@ -39,7 +39,7 @@ class PromptConfig(StrictModel):
 
     source: str = Field("sharegpt", description=(
         "Prompt source: 'sharegpt' (bundled, offline), 'bench:<name>[,<name>...]' (evaluation benchmarks' prompts "
-        "in published order: mtbench, humaneval, gsm8k; --skip past the ones evaluated), a .jsonl file, a Hugging "
+        "in published order: mtbench, humaneval, gsm8k; with skip past the ones evaluated), a .jsonl file, a Hugging "
         "Face dataset id (org/name or hf:org/name, needs a hub) or a local dataset directory."), **flag("--prompts"))
     hf_config: str | None = Field(None, description="Hugging Face dataset config (e.g. 0625 for "
                                   "BAAI/Infinity-Instruct, the default there).", **flag())
