@@ -53,8 +53,9 @@ def demo(
         "--quick", help="Smoke-test size (about 5 minutes on 2 CPU cores): 40 prompts, 1 epoch, 3 prompts per "
         "benchmark. Its numbers mean nothing; it proves the chain works.")] = False,
     scale: Annotated[float, typer.Option(
-        "--scale", help="Multiply the training prompts and the evaluation prompts per benchmark (2 = twice the "
-        "data and tighter CIs, roughly twice the time).")] = 1.0,
+        "--scale", help="Multiply the evaluation prompts per benchmark and the training prompts (2 = 40 "
+        "evaluation prompts per benchmark and tighter CIs; training has at most the 224 prompts past the first 40 "
+        "of each benchmark, fewer from 3 on).")] = 1.0,
     arch: Annotated[str, typer.Option(
         "--arch", help="mlp (MLP-Speculator, eta 3), medusa (MEDUSA, eta 10), eagle3 (EAGLE-3, eta 3) or all "
         "(mlp and medusa).")] = "mlp",
