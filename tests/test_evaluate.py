@@ -321,3 +321,8 @@ def test_a_draft_is_not_scored_on_the_benchmark_prompts_it_trained_on(tmp_path: 
     with pytest.raises(LkspecError, match="every prompt"):
         check_not_trained_on(single, ["humaneval"], None)
     check_not_trained_on(run_dir("outside", None), ["humaneval"], None)  # no training record: nothing to check
+    exported = run_dir("exported", None)  # an lkspec export keeps the record in provenance.json
+    (Path(exported.path) / "provenance.json").write_text(json.dumps(
+        {"data": {"source": {"prompts": {"source": "bench:gsm8k", "skip": 5}}}}))
+    with pytest.raises(LkspecError, match=r"'exported' was trained on gsm8k prompts from prompt 5"):
+        check_not_trained_on(exported, ["gsm8k"], 10)

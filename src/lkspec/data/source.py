@@ -67,6 +67,16 @@ def data_identity(src: DocSource) -> dict[str, str]:
     return {"path": str(Path(src.path).resolve()), "fingerprint": _digest(_content(src.index))}
 
 
+def recorded_parts(data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The parts of a draft's recorded training data (its `data` block): a combined source lists them under
+    `source.parts`, a single store is one part."""
+    source = (data or {}).get("source") or {}
+    if not isinstance(source, dict):
+        return []
+    parts = source.get("parts") if isinstance(source.get("parts"), list) else [source]
+    return [p for p in parts if isinstance(p, dict)]
+
+
 def same_documents(src: DocSource, fingerprint: str) -> bool:
     """Whether `fingerprint` (recorded by data_identity) names these documents; digests recorded before the
     locations were left out (which a moved folder changed) are accepted too."""

@@ -7,7 +7,6 @@ temperature and seed, then replay each draft under each rule.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -21,7 +20,9 @@ from tqdm.auto import tqdm
 from lkspec.config import StrictModel, flag, parse
 from lkspec.data.benchmarks import BENCHMARKS, canonical_name, load_benchmark
 from lkspec.data.prompt_sources import evaluated_overlap
+from lkspec.data.source import recorded_parts
 from lkspec.drafts import Draft, check_draft_target, load_draft
+from lkspec.drafts.checkpoint import CONFIG_FILE
 from lkspec.errors import LkspecError
 from lkspec.evaluate.replay import (
     RULES,
@@ -34,6 +35,8 @@ from lkspec.evaluate.replay import (
 )
 from lkspec.evaluate.report import Cell, Cost, EvalReport
 from lkspec.evaluate.samples import Prompt, SampleSettings, target_samples
+from lkspec.export.exporter import source_meta
+from lkspec.io import read_json
 from lkspec.proposers import NGRAM, NgramSettings
 from lkspec.sampling import check_temperature
 from lkspec.specdec import SpeculativeGenerator
@@ -165,14 +168,14 @@ def benchmark_prompts(target: Target, benchmarks: Sequence[str], limit: int | No
 
 def check_not_trained_on(entry: DraftEntry, benchmarks: list[str], limit: int | None) -> None:
     """Refuse to score a draft on benchmark prompts its training data came from (`bench:` sources past `skip`,
-    as its run records them; drafts without that record, e.g. outside checkpoints, are not checked)."""
-    config = Path(entry.path) / "config.json"
+    as its run or export records them; drafts without that record, e.g. outside checkpoints, are not checked)."""
+    d = Path(entry.path)
     try:
-        source = json.loads(config.read_text())["lkspec"]["data"]["source"]
-    except (OSError, ValueError, KeyError, TypeError):
+        meta, _ = source_meta(d, read_json(d / CONFIG_FILE))
+    except (OSError, ValueError):
         return
-    for part in source.get("parts", [source]) if isinstance(source, dict) else []:
-        prompts = part.get("prompts") if isinstance(part, dict) else None
+    for part in recorded_parts(meta.get("data")):
+        prompts = part.get("prompts")
         if not isinstance(prompts, dict):
             continue
         skip = int(prompts.get("skip") or 0)

@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from lkspec.data.source import recorded_parts
 from lkspec.losses import LOSSES
 
 # how the hub knows the benchmarks lkspec evaluates on
@@ -81,10 +82,8 @@ def data_words(data: dict[str, Any] | None, base_model: str) -> str:
     """The training data in words: whose responses, to which prompts, at which temperatures, how many tokens."""
     if not data:
         return "not recorded"
-    source = data.get("source") or {}
-    parts = source.get("parts") if isinstance(source.get("parts"), list) else [source]
     pieces = []
-    for p in parts:
+    for p in recorded_parts(data):
         prompts = (p.get("prompts") or {}).get("source") or p.get("dataset")
         skip = (p.get("prompts") or {}).get("skip")
         past = f" past the first {skip}" if skip else ""  # e.g. a benchmark's prompts past the evaluated ones
