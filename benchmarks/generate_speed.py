@@ -2,6 +2,7 @@
 
     python benchmarks/generate_speed.py --draft lkspec-demo/runs/mlp-lk_hybrid          # ~15 min on 2 cores
     python benchmarks/generate_speed.py --draft RUN_A --draft RUN_B --prompts 2 --ks 2,4,6 -t 0
+    python benchmarks/generate_speed.py --draft RUN --proposers ngram+draft --prompts 10 --max-new-tokens 96 -t 0
 
 Side by side in one run, on the same prompts (the first --prompts of MT-bench, HumanEval and GSM8K), batch 1,
 interleaved: each prompt is decoded plainly, then by every configuration, then plainly again, so the
@@ -102,11 +103,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--ks", default="1,2,3,4,6", help="K values to time (the largest also feeds the cost model)")
     ap.add_argument("-t", "--temperatures", default="0,1")
+    ap.add_argument("--proposers", default="ngram,draft,ngram+draft",
+                    help="which proposers to time (draft kinds run once per --draft)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ks = sorted({int(k) for k in args.ks.split(",")})
+    kinds = args.proposers.split(",")
+    if unknown := set(kinds) - {"ngram", "draft", "ngram+draft"}:
+        ap.error(f"unknown --proposers {', '.join(sorted(unknown))}; choose from ngram, draft, ngram+draft")
     temps = [float(t) for t in args.temperatures.split(",")]
     target = load_target(args.target)
     drafts = {Path(d).name: load_draft(d, target=target.identity, device=target.device) for d in args.draft}
@@ -126,8 +132,8 @@ def main() -> None:
               "+ lm_head):")
         print("   " + "  ".join(f"k={k}: {c / passes[0]:.2f}" for k, c in enumerate(passes)) +
               f"   (one token: {1e3 * passes[0]:.1f} ms)")
-        configs = [("ngram", None)] + [(f"{kind}:{name}", d) for name, d in drafts.items()
-                                       for kind in ("draft", "ngram+draft")]
+        configs = [("ngram", None)] * ("ngram" in kinds) + [
+            (f"{kind}:{name}", d) for name, d in drafts.items() for kind in ("draft", "ngram+draft") if kind in kinds]
         gens = {(label, k): SpeculativeGenerator(target, draft, k=k, temperature=T, proposer=label.split(":")[0])
                 for label, draft in configs for k in [*ks, AUTO]
                 if k == AUTO or k <= (draft.num_heads if draft is not None else max(ks))}
