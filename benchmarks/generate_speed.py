@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lkspec.data.benchmarks import load_benchmark
 from lkspec.drafts import load_draft
@@ -141,7 +142,7 @@ def main() -> None:
         # so a machine whose speed drifts over the minutes of a run slows the baseline and the proposers alike
         plain_runs: list[dict[str, float]] = []
         results: dict[tuple[str, int | str], list[GenerationResult]] = {key: [] for key in gens}
-        for i, prompt in enumerate(prompts):
+        for i, prompt in enumerate(tqdm(prompts, desc=f"T = {T:g}: prompts", unit="prompt")):
             plain_runs.append(run_plain(target, prompt, n, T, i))
             for key, gen in gens.items():
                 results[key].append(gen.generate(prompt, max_new_tokens=n, seed=i))
