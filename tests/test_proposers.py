@@ -223,6 +223,7 @@ def test_target_init_predicts_better_than_random(tiny_target: Target, arch: str)
         docs.append(Doc(i, ids, torch.ones(40, dtype=torch.bool), tiny_target.hidden_states(ids[None])[0]))
     train, held = docs[:32], docs[32:]
 
+    @torch.no_grad()
     def alpha1(d: Draft) -> float:
         vals = []
         for doc in held:
