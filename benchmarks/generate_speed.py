@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lkspec.data.benchmarks import load_benchmark
 from lkspec.drafts import load_draft
+from lkspec.proposers import NGRAM, PROPOSER_KINDS
 from lkspec.sampling import sample, warp_probs
 from lkspec.specdec import PHASES, GenerationResult, SpeculativeGenerator, plain_generate
 from lkspec.speed import AUTO, Costs, measure_pass_costs, predicted_speedup
@@ -104,7 +105,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--ks", default="1,2,3,4,6", help="K values to time (the largest also feeds the cost model)")
     ap.add_argument("-t", "--temperatures", default="0,1")
-    ap.add_argument("--proposers", default="ngram,draft,ngram+draft",
+    ap.add_argument("--proposers", default=",".join(PROPOSER_KINDS),
                     help="which proposers to time (draft kinds run once per --draft)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
@@ -112,8 +113,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ks = sorted({int(k) for k in args.ks.split(",")})
     kinds = args.proposers.split(",")
-    if unknown := set(kinds) - {"ngram", "draft", "ngram+draft"}:
-        ap.error(f"unknown --proposers {', '.join(sorted(unknown))}; choose from ngram, draft, ngram+draft")
+    if unknown := set(kinds) - set(PROPOSER_KINDS):
+        ap.error(f"unknown --proposers {', '.join(sorted(unknown))}; choose from {', '.join(PROPOSER_KINDS)}")
+    draft_kinds = [kind for kind in PROPOSER_KINDS if kind in kinds and kind != NGRAM]  # run once per --draft
     temps = [float(t) for t in args.temperatures.split(",")]
     target = load_target(args.target)
     drafts = {Path(d).name: load_draft(d, target=target.identity, device=target.device) for d in args.draft}
@@ -133,8 +135,8 @@ def main() -> None:
               "+ lm_head):")
         print("   " + "  ".join(f"k={k}: {c / passes[0]:.2f}" for k, c in enumerate(passes)) +
               f"   (one token: {1e3 * passes[0]:.1f} ms)")
-        configs = [("ngram", None)] * ("ngram" in kinds) + [
-            (f"{kind}:{name}", d) for name, d in drafts.items() for kind in ("draft", "ngram+draft") if kind in kinds]
+        configs = [(NGRAM, None)] * (NGRAM in kinds) + [(f"{kind}:{name}", d) for name, d in drafts.items()
+                                                        for kind in draft_kinds]
         gens = {(label, k): SpeculativeGenerator(target, draft, k=k, temperature=T, proposer=label.split(":")[0])
                 for label, draft in configs for k in [*ks, AUTO]
                 if k == AUTO or k <= (draft.num_heads if draft is not None else max(ks))}
