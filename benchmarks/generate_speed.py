@@ -3,6 +3,7 @@
     python benchmarks/generate_speed.py --draft lkspec-demo/runs/mlp-lk_hybrid          # ~15 min on 2 cores
     python benchmarks/generate_speed.py --draft RUN_A --draft RUN_B --prompts 2 --ks 2,4,6 -t 0
     python benchmarks/generate_speed.py --draft RUN --proposers ngram+draft --prompts 10 --max-new-tokens 96 -t 0
+    python benchmarks/generate_speed.py --device cuda --draft RUN --prompts 10 --max-new-tokens 96 --ks 1,3,5
 
 Side by side in one run, on the same prompts (the first --prompts of MT-bench, HumanEval and GSM8K), batch 1,
 interleaved: each prompt is decoded plainly, then by every configuration, then plainly again, so the
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--proposers", default=",".join(PROPOSER_KINDS),
                     help="which proposers to time (draft kinds run once per --draft)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available, else cpu)")
+    ap.add_argument("--dtype", default=None, help="target dtype, e.g. bfloat16 (default: fp32 on CPU, bf16 on GPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,13 +120,13 @@ def main() -> None:
         ap.error(f"unknown --proposers {', '.join(sorted(unknown))}; choose from {', '.join(PROPOSER_KINDS)}")
     draft_kinds = [kind for kind in PROPOSER_KINDS if kind in kinds and kind != NGRAM]  # run once per --draft
     temps = [float(t) for t in args.temperatures.split(",")]
-    target = load_target(args.target)
+    target = load_target(args.target, device=args.device, dtype=args.dtype)
     drafts = {Path(d).name: load_draft(d, target=target.identity, device=target.device) for d in args.draft}
     prompts = [target.render_chat(r.messages) for b in ("mtbench", "humaneval", "gsm8k")
                for r in load_benchmark(b, limit=args.prompts)]
     n = args.max_new_tokens
-    print(f"target {target.name} on {target.device}, {torch.get_num_threads()} threads; {len(prompts)} prompts, "
-          f"<= {n} new tokens, batch 1; K in {ks}")
+    print(f"target {target.name} on {target.device} ({target.model.dtype}), {torch.get_num_threads()} threads; "
+          f"{len(prompts)} prompts, <= {n} new tokens, batch 1; K in {ks}")
     plain_generate(target, prompts[0], max_new_tokens=4, temperature=0)  # warm-up
 
     for T in temps:

@@ -340,3 +340,18 @@ def test_phases_account_for_the_generation_time(tiny_target: Target) -> None:
     assert set(res.phases) == set(PHASES) and all(v >= 0 for v in res.phases.values())
     assert sum(res.phases.values()) == pytest.approx(res.seconds, rel=1e-6)
     assert res.phases["verify"] > 0 and res.phases["propose"] > 0
+
+
+def test_phase_laps_wait_for_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA kernels launch asynchronously: a lap that did not wait would book a phase's GPU time on a later
+    phase. On CPU there is nothing to wait for (and no CUDA to call)."""
+    from lkspec import specdec
+
+    waits: list[int] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append(1))
+    clock = specdec._Clock(torch.device("cuda"))
+    clock.lap("propose")
+    clock.lap("verify")
+    assert len(waits) == 2
+    specdec._Clock(torch.device("cpu")).lap("propose")
+    assert len(waits) == 2

@@ -238,7 +238,7 @@ class SpeculativeGenerator:
         decoder = cached_decoder(target.model)
         kinds = ("match", "no match") if self.uses_ngram else ("draft",)  # see AdaptiveK
         auto = {kind: AdaptiveK(self.costs(), K) for kind in kinds} if self.auto_k else {}
-        clock = _Clock()
+        clock = _Clock(dev)
         cache = DynamicCache(config=target.model.config)
         ids = torch.tensor([prompt], device=dev)
         layers, wide = self.layers, {"output_hidden_states": True} if self.layers else {}
@@ -320,13 +320,19 @@ class SpeculativeGenerator:
 
 
 class _Clock:
-    """Seconds per phase of `generate`, from consecutive laps (one perf_counter call each)."""
+    """Seconds per phase of `generate`, from consecutive laps (one perf_counter call each).
 
-    def __init__(self) -> None:
+    On CUDA a lap first waits for the device: kernels launch asynchronously, so without the wait a phase's
+    GPU time lands on whichever later phase first reads a result (the split would be wrong, the total not)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
         self.start = self.mark = time.perf_counter()
         self.phases = dict.fromkeys(PHASES, 0.0)
 
     def lap(self, phase: str) -> None:
+        if self.sync is not None:
+            self.sync()
         now = time.perf_counter()
         self.phases[phase] += now - self.mark
         self.mark = now
@@ -352,5 +358,5 @@ def plain_generate(target: Target, prompt_ids: Sequence[int], *, max_new_tokens:
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     out = target.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
-    seconds = time.perf_counter() - t0
-    return out[0, ids.shape[1] :].tolist(), seconds
+    tokens = out[0, ids.shape[1] :].tolist()  # inside the clock: on a GPU the last step may still be running
+    return tokens, time.perf_counter() - t0
