@@ -347,11 +347,12 @@ def test_phase_laps_wait_for_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> N
     phase. On CPU there is nothing to wait for (and no CUDA to call)."""
     from lkspec import specdec
 
-    waits: list[int] = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append(1))
-    clock = specdec._Clock(torch.device("cuda"))
+    waits: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append(a))
+    gpu = torch.device("cuda", 1)
+    clock = specdec._Clock(gpu)
     clock.lap("propose")
     clock.lap("verify")
-    assert len(waits) == 2
+    assert waits == [(gpu,), (gpu,)]  # the target's GPU, which need not be the current one
     specdec._Clock(torch.device("cpu")).lap("propose")
     assert len(waits) == 2

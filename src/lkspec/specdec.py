@@ -325,14 +325,14 @@ class _Clock:
     On CUDA a lap first waits for the device: kernels launch asynchronously, so without the wait a phase's
     GPU time lands on whichever later phase first reads a result (the split would be wrong, the total not)."""
 
-    def __init__(self, device: torch.device | None = None) -> None:
-        self.sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device if device.type == "cuda" else None  # the target's GPU, not just the current one
         self.start = self.mark = time.perf_counter()
         self.phases = dict.fromkeys(PHASES, 0.0)
 
     def lap(self, phase: str) -> None:
-        if self.sync is not None:
-            self.sync()
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
         now = time.perf_counter()
         self.phases[phase] += now - self.mark
         self.mark = now
