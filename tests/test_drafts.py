@@ -206,3 +206,48 @@ def test_bad_input() -> None:
         d.propose(torch.randn(1, H), torch.tensor([0]), num_tokens=3)
     with pytest.raises(LkspecError, match="temperature"):
         d.propose(torch.randn(1, H), torch.tensor([0]), temperature=-1)
+
+
+def _mirrored_mlp(**kw: object) -> torch.nn.Module:
+    d = build_draft("mlp_speculator", seed=0, hidden_size=H, vocab_size=V, inner_dim=2 * H, tie_weights=True, **kw)
+    _randomize(d)
+    with torch.no_grad():  # the target-initialised form of every head: [A, -A]
+        a = d.head[0].weight[:, :H].clone()
+        d.head[0].weight.copy_(torch.cat([a, -a], 1))
+    return d
+
+
+def test_mirrored_heads_take_the_half_projection_with_the_same_logits() -> None:
+    d = _mirrored_mlp()
+    x, ids = _inputs()
+    full = [s @ d.head_weight(k).T for k, s in enumerate(d.head_states(x, ids), 1)]
+    with torch.no_grad():
+        assert all(h.mirrored() for h in d.head)
+        for a, b in zip(d.head_logits(x, ids), full, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    state = dict(d.state_dict())
+    assert {k for k in state if k.startswith("head.")} == {f"head.{i}.weight" for i in range(6)}
+    with torch.no_grad():  # a write that breaks the form: the head is projected in full again
+        d.head[0].weight[0, 0] += 1.0
+        assert not d.head[0].mirrored()
+        torch.testing.assert_close(d.head_logits(x, ids)[0], d.head_states(x, ids)[0] @ d.head_weight(1).T)
+
+
+def test_a_mirrored_head_being_trained_gets_the_full_gradient() -> None:
+    """The shortcut would hand its gradient to one half only: a weight that wants a gradient is projected in full."""
+    d = _mirrored_mlp(num_heads=2)
+    x, ids = _inputs()
+    assert not d.head[0].mirrored()  # grad mode, weight trainable
+    d.head_logits(x, ids)[0].pow(2).sum().backward()
+    g = d.head[0].weight.grad
+    assert g is not None and g[:, H:].abs().sum() > 0 and g[:, :H].abs().sum() > 0
+    d.zero_grad()
+    for p in d.vocab_parameters():  # draft.freeze: the shortcut, and the trunk's gradient is unchanged
+        p.requires_grad_(False)
+    assert d.head[0].mirrored()
+    d.head_logits(x, ids)[0].pow(2).sum().backward()
+    folded = d.proj[0].weight.grad.clone()
+    d.zero_grad()
+    s = d.head_states(x, ids)[0]
+    (s @ d.head_weight(1).T).pow(2).sum().backward()
+    torch.testing.assert_close(folded, d.proj[0].weight.grad, rtol=1e-4, atol=1e-5)

@@ -255,3 +255,46 @@ def test_truncated_chunked_equals_reference(name: str) -> None:
         out[impl] = (loss.detach(), grad)
     torch.testing.assert_close(out["chunked"][0], out["reference"][0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out["chunked"][1], out["reference"][1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fused_equals_chunked_and_reference(truncated: bool, temperature: float) -> None:
+    """The compiled twin: same per-token KL and alpha, same gradient under a loss that reads both."""
+    from lkspec.losses.kernels import COMPILED, token_stats_fused
+
+    if truncated:
+        z, full, keep = _truncated(seed=13)
+        zp, lse = full[:, keep], torch.logsumexp(full / temperature, -1)
+    else:
+        (z, zp), lse = _logits(seed=9, scale=4.0), None
+    assert COMPILED.get(z.device) is not None, "torch.compile is expected to work where the suite runs"
+    out = {}
+    for name, fn in [("reference", token_stats_reference), ("fused", token_stats_fused)]:
+        zz = z.clone().requires_grad_(True)
+        kl, alpha = fn(zz, zp, temperature, target_lse=lse)
+        loss = combine("lk_hybrid", kl, alpha, eta=3.0)
+        (grad,) = torch.autograd.grad(loss, zz)
+        out[name] = (kl.detach(), alpha.detach(), grad)
+    chunked = token_stats_chunked(z, zp, temperature, chunk=32, target_lse=lse)
+    for a, b in zip(out["fused"][:2], chunked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(out["fused"], out["reference"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_falls_back_to_chunked_when_compiling_fails(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from lkspec.losses import kernels
+
+    def broken(*_a: object, **_k: object) -> object:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "COMPILED", kernels._Compiled())
+    monkeypatch.setattr(torch, "compile", broken)
+    z, zp = _logits(seed=4)
+    with caplog.at_level("WARNING"):
+        kl, alpha = kernels.token_stats(z, zp, impl="fused")
+    assert "using the chunked twin instead" in caplog.text
+    ref = token_stats_chunked(z, zp)
+    assert torch.equal(kl, ref[0]) and torch.equal(alpha, ref[1])

@@ -159,6 +159,28 @@ def test_packed_windowed_accumulated_step_equals_plain_loss(tiny_target: Target,
             torch.testing.assert_close(p.grad, ref[n], rtol=2e-4, atol=2e-6, msg=f"{arch} {micro} {n}")
 
 
+@pytest.mark.parametrize("arch", ["mlp_speculator", "medusa"])
+def test_packing_drops_the_prompt_a_position_wise_draft_never_reads(tiny_target: Target, arch: str) -> None:
+    """Documents start at their first anchor for a draft that reads only its anchor's chain: fewer positions through
+    the trunk, the same loss and gradients as the plain per-document path."""
+    docs = make_docs(tiny_target, 6, min_len=24, max_len=40, prompt=15, seed=3)
+    opts = {"inner_dim": 16} if arch == "mlp_speculator" else {"num_layers": 1}
+    draft = build_draft(arch, seed=2, hidden_size=tiny_target.hidden_size, vocab_size=tiny_target.vocab_size,
+                        num_heads=4, **opts)
+    if arch == "medusa":
+        torch.nn.init.normal_(draft.blocks[0].layers[0].weight, std=0.1)
+    _reference_loss(draft, tiny_target, docs, "kl", 3.0).backward()
+    ref = {n: p.grad.clone() for n, p in draft.named_parameters()}
+    draft.zero_grad(set_to_none=True)
+    runner = StepRunner(draft, tiny_target, head_modules(draft), loss="kl", eta=3.0, gamma=0.8, temperature=1.0,
+                        impl="chunked", micro_batch_tokens=4096)
+    mbs = runner.pack(docs)
+    assert sum(mb.num_tokens for mb in mbs) == sum(len(d) - (15 - 4 - 1) for d in docs)  # from prompt - K - 1 on
+    runner.accumulate(mbs)
+    for n, p in draft.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=2e-4, atol=2e-6, msg=f"{arch} {n}")
+
+
 def test_alpha_mean_callback_reduces_before_lambda() -> None:
     z, zp = torch.randn(5, 11, requires_grad=True), torch.randn(5, 11)
     seen = []

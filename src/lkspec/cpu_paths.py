@@ -112,15 +112,19 @@ def use_cpu_linears(module: nn.Module) -> int:
     """Route every plain nn.Linear under `module` (on CPU) through `cpu_linear`; returns how many. Their
     weights are marked for the oneDNN copy unless those copies would take more than a quarter of this
     machine's memory (a large target on CPU keeps the other paths rather than doubling its footprint)."""
-    linears = [m for m in module.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"]
+    linears = [m for m in module.modules()
+               if (type(m) is nn.Linear or isinstance(m, CpuLinear)) and m.weight.device.type == "cpu"]
     weights = {id(m.weight): m.weight for m in linears}.values()
     copies = sum(w.numel() * w.element_size() for w in weights)
     fits = copies <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    swapped = 0
     for m in linears:
-        m.__class__ = CpuLinear
+        if type(m) is nn.Linear:  # a CpuLinear already (a draft's own head class) keeps its class
+            m.__class__ = CpuLinear
+            swapped += 1
         if fits:
             mark_for_onednn(m.weight)
-    return len(linears)
+    return swapped
 
 
 def sdpa_gqa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -14,8 +14,8 @@ LK losses train on alpha itself:
   at the same anchor) instead of the fixed gamma^(k-1); KL keeps gamma and the adaptive lambda (cold start).
 
 Every loss is a function of two per-token quantities, KL_t and alpha_t, so the package has one place
-that computes them (`kernels`: a readable reference and a vocab-chunked twin with the same values and
-gradients), one table that turns their means into each loss (`table.LOSSES`), and the per-head /
+that computes them (`kernels`: a readable reference, a vocab-chunked twin and its compiled fusion, with the same
+values and gradients), one table that turns their means into each loss (`table.LOSSES`), and the per-head /
 multi-head aggregation with gamma^(k-1) weights (`heads`).
 """
 
@@ -39,6 +39,7 @@ from lkspec.losses.kernels import (
     check_finite,
     token_stats,
     token_stats_chunked,
+    token_stats_fused,
     token_stats_reference,
 )
 from lkspec.losses.table import (
@@ -63,5 +64,5 @@ __all__ = [
     "HeadTerm", "Loss", "Means", "TensorMeans", "chain_alphas", "chain_of", "chain_weights", "check_finite",
     "check_loss_name", "combine", "draft_head_term", "draft_loss", "expected_tau", "get_loss", "head_loss",
     "head_weight", "head_weights", "hybrid", "lam", "lk_tau_reference", "simulated_tau", "token_stats",
-    "token_stats_chunked", "token_stats_reference",
+    "token_stats_chunked", "token_stats_fused", "token_stats_reference",
 ]

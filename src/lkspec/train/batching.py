@@ -196,13 +196,14 @@ class _Window:
     own_end: int
 
 
-def windows(doc: Doc, num_heads: int, max_tokens: int) -> list[_Window]:
-    """Cut a document into windows of <= max_tokens overlapping by K+1; anchors [start, own_end) are owned."""
+def windows(doc: Doc, num_heads: int, max_tokens: int, start: int = 0) -> list[_Window]:
+    """Cut a document from `start` on into windows of <= max_tokens overlapping by K+1; anchors
+    [start, own_end) of a window are owned."""
     L = len(doc)
-    if max_tokens >= L:
-        return [_Window(doc, 0, L, L)]
+    if max_tokens >= L - start:
+        return [_Window(doc, start, L, L)]
     stride = max_tokens - (num_heads + 1)
-    out, a = [], 0
+    out, a = [], start
     while True:
         b = min(a + max_tokens, L)
         out.append(_Window(doc, a, b, b if b == L else a + stride))
@@ -211,13 +212,25 @@ def windows(doc: Doc, num_heads: int, max_tokens: int) -> list[_Window]:
         a += stride
 
 
-def pack(docs: list[Doc], num_heads: int, max_tokens: int) -> list[MicroBatch]:
-    """Greedy, order-preserving packing of (windows of) documents into rows of <= max_tokens tokens."""
+def first_anchor(doc: Doc, num_heads: int) -> int:
+    """The first position any head trains at: head k at anchor t predicts token t + k + 1, so nothing before
+    the first trained token minus K + 1 is an anchor, an input of one, or a teacher position."""
+    trained = doc.loss_mask.nonzero()
+    return max(0, int(trained[0]) - num_heads - 1) if len(trained) else 0
+
+
+def pack(docs: list[Doc], num_heads: int, max_tokens: int, *, context: bool = True) -> list[MicroBatch]:
+    """Greedy, order-preserving packing of (windows of) documents into rows of <= max_tokens tokens.
+
+    `context=False` is for a draft that reads nothing but its anchor's chain (MLP-Speculator, MEDUSA): each
+    document then starts at its `first_anchor`. The prompt before it would cost the draft's trunk a pass (most of
+    a step's positions, for short answers to long prompts) and teach nothing; the loss is the same.
+    """
     groups: list[list[_Window]] = []
     cur: list[_Window] = []
     used = 0
     for doc in docs:
-        for w in windows(doc, num_heads, max_tokens):
+        for w in windows(doc, num_heads, max_tokens, 0 if context else first_anchor(doc, num_heads)):
             n = w.end - w.start
             if cur and used + n > max_tokens:
                 groups.append(cur)

@@ -227,7 +227,7 @@ class StepRunner:
         return sums
 
     def pack(self, docs: list[Any]) -> list[MicroBatch]:
-        return pack(docs, self.K, self.micro_batch_tokens)
+        return pack(docs, self.K, self.micro_batch_tokens, context=self.draft.attends)
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[MicroBatch]) -> HeadSums:
