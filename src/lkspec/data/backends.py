@@ -1,17 +1,19 @@
 """Generation backends: how a batch of prompt token ids becomes the target's responses.
 
 Each backend is a function (or callable) `(target, prompts, sampling, max_new_tokens, seed) -> [Generated]`
-that samples from a private stream seeded by the batch seed, so a resumed batch samples exactly what it
-would have: `hf` is batched `generate` with left padding, `vllm` gives every request its own derived seed
-(results do not depend on vLLM's batching). `given_response` tokenizes a response the target already
-wrote, as its chat template places it.
+that samples reproducibly from the batch seed, so a resumed batch samples exactly what it would have: `hf`
+runs the transformers model through lkspec's KV-cache loop (`lkspec.targets.decode`, one generator per row
+derived from the batch seed) and can hand back the post-norm states it sampled from (`keep_states`, for the
+feature store: `lkspec.data.states`); `vllm` gives every request its own derived seed (results do not depend on
+vLLM's batching) and keeps no states. `given_response` tokenizes a response the target already wrote, as its
+chat template places it.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 
 from lkspec.data.prompts import PromptRecord
 from lkspec.errors import LkspecError
-from lkspec.targets import Target
+from lkspec.targets import Target, decode_batch
 
 VLLM_INSTALL = "vLLM is not installed: `pip install vllm` on a GPU machine, or use --backend hf"
 
@@ -28,6 +30,8 @@ VLLM_INSTALL = "vLLM is not installed: `pip install vllm` on a GPU machine, or u
 class Generated:
     response: list[int]  # ends with an EOS token unless the limit was hit
     finish_reason: str  # "eos" | "length"
+    hidden: torch.Tensor | None = None  # keep_states: post-norm states at every prompt and response position
+    aux: torch.Tensor | None = None  # ... and the aux layers' input states, when asked for
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -44,33 +48,18 @@ def cut_at_eos(tokens: list[int], eos: set[int], limit: int) -> Generated:
 
 
 def hf_generate(target: Target, prompts: list[list[int]], sampling: dict[str, Any], max_new_tokens: int,
-                seed: int) -> list[Generated]:
-    """One left-padded batch through HF `generate`, sampling from a private RNG stream seeded by `seed`."""
-    from transformers import GenerationConfig
-
-    pad = target.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    base = getattr(target.model, "generation_config", None)
-    gc = copy.deepcopy(base) if base is not None else GenerationConfig()
-    greedy = sampling["temperature"] == 0
-    gc.update(
-        do_sample=not greedy, num_beams=1, num_return_sequences=1, max_new_tokens=max_new_tokens, max_length=None,
-        min_new_tokens=None, min_length=0, eos_token_id=list(target.eos_token_ids), pad_token_id=pad,
-        temperature=None if greedy else sampling["temperature"], top_k=None if greedy else sampling["top_k"],
-        top_p=None if greedy else sampling["top_p"], return_dict_in_generate=False,
-    )
-    devices = [target.device] if target.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
-        out = target.model.generate(input_ids=ids.to(target.device), attention_mask=mask.to(target.device),
-                                    generation_config=gc)
-    eos = set(target.eos_token_ids)
-    return [cut_at_eos(row, eos, max_new_tokens) for row in out[:, width:].tolist()]
+                seed: int, *, keep_states: bool = False, aux_layers: Sequence[int] = ()) -> list[Generated]:
+    """One left-padded batch through the target's KV-cache loop; row i samples from a generator seeded by
+    `derive_seed(seed, i)`. `keep_states` returns every position's post-norm state (and `aux_layers`' inputs)."""
+    temperature = sampling["temperature"]
+    gens = None if temperature == 0 else [torch.Generator(device=target.device).manual_seed(derive_seed(seed, i))
+                                          for i in range(len(prompts))]
+    out = decode_batch(target, prompts, temperature=temperature, top_k=sampling["top_k"] or 0,
+                       top_p=sampling["top_p"] if sampling["top_p"] is not None else 1.0,
+                       max_new_tokens=max_new_tokens, generators=gens, keep="all" if keep_states else "tail",
+                       aux_layers=aux_layers if keep_states else ())
+    return [Generated(d.tokens, "eos" if d.finished else "length", d.hidden if keep_states else None, d.aux)
+            for d in out]
 
 
 class VllmBackend:

@@ -20,7 +20,8 @@ is the single source of truth: a crash or a full disk mid-shard loses only that 
 continues from the rows that are not yet in the index.
 
 `extract_features` fills a store with a teacher-forced target pass over a tokens dataset (the output of
-regeneration) along the plan of `lkspec.data.plan`; `OnlineFeatures` (`lkspec.data.online`) offers the
+regeneration) along the plan of `lkspec.data.plan`, or, where regeneration kept the target's states
+(`lkspec.data.states`), from those without a pass; `OnlineFeatures` (`lkspec.data.online`) offers the
 same `DocSource` reading interface computed on the fly, for targets that fit beside the draft;
 `open_features` picks one from a path. The names of those modules are importable from here too.
 """
@@ -40,9 +41,10 @@ from tqdm.auto import tqdm
 from lkspec.config import StrictModel, flag
 from lkspec.data import DEFAULT_SHARD_TOKENS
 from lkspec.data.online import OnlineFeatures
-from lkspec.data.plan import estimate_bytes, forward_docs, plan_shards, row_lengths, tokens_source
+from lkspec.data.plan import estimate_bytes, forward_docs, full_logsumexp, plan_shards, row_lengths, tokens_source
 from lkspec.data.regenerate import META, load_tokens
 from lkspec.data.source import STORAGE_DTYPES, Doc, DocSource, ShardedDocs, storage_dtype
+from lkspec.data.states import KeptStates, StateSpec
 from lkspec.errors import LkspecError
 from lkspec.io import disk_full_is_one_line, open_safetensors, read_json, save_tensors, write_json
 from lkspec.targets import Target, TargetIdentity, check_aux_layers
@@ -273,6 +275,12 @@ def extract_features(
     if todo == 0:
         log.info("features in %s are already complete (%d docs, %d tokens)", out, len(done), total)
         return FeatureStore(out)
+    kept = KeptStates.open(tokens_dir, StateSpec(dtype, tuple(aux_layers)))
+    if kept is not None:
+        log.info("features: from the states the target kept while answering (no second pass over %s)", tokens_dir)
+
+    def lse(h: torch.Tensor) -> torch.Tensor:
+        return full_logsumexp(target, h.to(target.device))
     with tqdm(total=total, initial=total - todo, desc="features", unit="tok", unit_scale=True,
               disable=not progress) as bar:
         for s, shard in enumerate(plan):
@@ -282,7 +290,8 @@ def extract_features(
                 continue
             docs: list[Doc] = []
             for rows in batches:
-                docs.extend(forward_docs(target, ds, rows, writer.dtype, aux_layers))
+                got = kept.docs(ds, rows, lse) if kept is not None else None
+                docs.extend(got if got is not None else forward_docs(target, ds, rows, writer.dtype, aux_layers))
                 bar.update(sum(lengths[r] for r in rows))
             n = len(writer.index["shards"])
             with disk_full_is_one_line(f"writing shard {n} to {out}",
@@ -293,6 +302,8 @@ def extract_features(
     store = FeatureStore(out)
     log.info("features in %s: %d docs, %d tokens in %d shards", out, store.num_docs, store.num_tokens,
              len(store.shards))
+    if kept is not None:  # a hand-over: the store holds them now
+        kept.remove()
     return store
 
 

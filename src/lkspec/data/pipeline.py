@@ -1,7 +1,8 @@
 """`lkspec data all`: prompts -> regenerate -> features into one directory, each stage resumable.
 
 Every stage already skips finished work (regeneration keeps its parts, features keep their shards), so
-this is only the wiring: a rerun after an interruption, or after everything finished, is cheap.
+this is only the wiring: a rerun after an interruption, or after everything finished, is cheap. With the `hf`
+backend regeneration keeps the target's states for the features (`lkspec.data.states`): no second pass.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from lkspec.data.features import extract_features
 from lkspec.data.prompts import PromptConfig, load_prompts, write_prompts_jsonl
 from lkspec.data.regenerate import RegenConfig, regenerate
+from lkspec.data.states import StateSpec
 from lkspec.targets import Target
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,9 @@ def run_all(get_target: Callable[[str], Target], prompts: PromptConfig, regen: R
     else:
         write_prompts_jsonl(ps, paths["prompts"])
     target = get_target("regenerate")
-    regenerate(target, ps, paths["tokens"], regen, progress=progress)
+    # the hf backend computes every state the features need on its way: it keeps them (lkspec.data.states)
+    keep = StateSpec(features.get("dtype", "bfloat16"), tuple(features.get("aux_layers") or ()))
+    regenerate(target, ps, paths["tokens"], regen, progress=progress, states=keep if regen.backend == "hf" else None)
     if regen.backend != "hf":
         target = get_target("features")
     extract_features(target, paths["tokens"], paths["features"], progress=progress, **features)

@@ -12,14 +12,16 @@ rerun with the same settings skips the parts on disk and computes exactly the ba
 the final dataset (rows in prompt order) equals that of an uninterrupted run, with no row duplicated or
 lost. A directory made for another target or other settings is refused, naming what differs.
 
-Backends (`lkspec.data.backends`, whose names are importable from here too): `hf` (default) is batched
-`generate` with left padding; `vllm` is used for big targets on GPUs when vLLM is installed; a prompt set
-that already holds the target's responses (e.g. `nebius/Llama-3.1-8B-Instruct-Infinity-Instruct-0625`)
-is tokenized directly ("given").
+Backends (`lkspec.data.backends`, whose names are importable from here too): `hf` (default) runs the
+transformers model batched with left padding through lkspec's KV-cache loop, which can keep the states the
+feature store needs (`states=`, `lkspec.data.states`); `vllm` is used for big targets on GPUs when vLLM is
+installed; a prompt set that already holds the target's responses (e.g.
+`nebius/Llama-3.1-8B-Instruct-Infinity-Instruct-0625`) is tokenized directly ("given").
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -43,6 +45,8 @@ from lkspec.data.backends import (
     hf_generate,
 )
 from lkspec.data.prompts import PromptRecord, PromptSet, fingerprint
+from lkspec.data.states import StateSpec, write_batch
+from lkspec.data.states import finish as finish_states
 from lkspec.errors import LkspecError
 from lkspec.io import atomic_path, disk_full_is_one_line, read_json, write_json
 from lkspec.targets import Target, TargetIdentity
@@ -66,9 +70,9 @@ RESUME_KEYS = ("backend", "max_new_tokens", "temperature", "top_k", "top_p", "se
 class RegenConfig(StrictModel):
     """How the target answers. `top_k` / `top_p` left unset come from the target's generation config."""
 
-    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend: 'hf' (batched transformers "
-                                           "generate) or 'vllm' (needs vLLM installed; the HF copy then stays on "
-                                           "CPU).", **flag())
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend: 'hf' (the transformers model, "
+                                           "batched, lkspec's KV-cache loop) or 'vllm' (needs vLLM installed; the "
+                                           "HF copy then stays on CPU).", **flag())
     max_new_tokens: int = Field(256, ge=1, description="Longest response; longer ones are cut there.", **flag())
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy).", **flag())
     top_k: int | None = Field(None, ge=0, description="Top-k (0 = off; default: the target's generation config, "
@@ -211,11 +215,13 @@ def regenerate(
     *,
     progress: bool = True,
     on_batch_done: Callable[[int], None] | None = None,
+    states: StateSpec | None = None,
 ) -> dict[str, Any]:
     """Answer every prompt with the target into the tokens dataset at `out`; returns its metadata.
 
     Reruns resume; a finished directory with the same settings is returned as is. `on_batch_done(b)` is
-    called after batch b is safely on disk (tests use it to interrupt a run deterministically).
+    called after batch b is safely on disk (tests use it to interrupt a run deterministically). With `states`
+    the `hf` backend also keeps the target's states for the feature store (`lkspec.data.states`).
     """
     cfg = config or RegenConfig()
     records = prompts.records if isinstance(prompts, PromptSet) else list(prompts)
@@ -255,8 +261,12 @@ def regenerate(
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / META, meta)
 
+    keep_states = states is not None and backend == "hf"
     if backend == "vllm":
         generate: Callable[..., list[Generated]] = VllmBackend(target)
+    elif keep_states:
+        assert states is not None
+        generate = functools.partial(hf_generate, keep_states=True, aux_layers=states.aux_layers)
     else:
         generate = hf_generate
 
@@ -291,6 +301,10 @@ def regenerate(
             results = generate(target, [prompt_ids[i] for i in idx], sampling, cfg.max_new_tokens,
                                derive_seed(cfg.seed, b))
         with disk_full_is_one_line(f"writing batch {b} to {parts_dir}", "the finished batches are kept"):
+            if keep_states:  # before the part: a batch counts as done only with its states
+                assert states is not None
+                write_batch(out, b, idx, [g.hidden for g in results],  # type: ignore[misc]
+                            [g.aux for g in results] if states.aux_layers else None, states)  # type: ignore[misc]
             _write_part(parts_dir / _part_name(b), {
                 "index": idx,
                 "prompt_id": [records[i].id for i in idx],
@@ -307,6 +321,9 @@ def regenerate(
             on_batch_done(b)
     bar.close()
     with disk_full_is_one_line(f"saving the dataset to {out}", "all batches are kept in parts/"):
+        if keep_states:
+            assert states is not None
+            finish_states(out, len(batches), keep, states)
         meta = _finalize(out, [parts_dir / _part_name(b) for b in range(len(batches))], meta, progress)
     c = meta["counts"]
     log.info("tokens dataset %s: %d rows, %d response tokens (%d ended at EOS, %d at the limit)", out, c["rows"],

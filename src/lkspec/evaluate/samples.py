@@ -37,8 +37,7 @@ from lkspec.config import StrictModel
 from lkspec.data.source import Doc
 from lkspec.errors import LkspecError
 from lkspec.io import load_tensors, save_tensors, write_json
-from lkspec.sampling import check_temperature, warp_probs
-from lkspec.targets import Target, cache_dir, cached_decoder
+from lkspec.targets import Target, cache_dir, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +106,6 @@ def prompt_seed(seed: int, benchmark: str, prompt_id: str) -> int:
     return int(digest[:15], 16)
 
 
-def _sample_rows(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row by the inverse CDF, each row with its own generator (batch-independent draws)."""
-    u = torch.stack([torch.rand((), generator=g, device=g.device) for g in generators]).to(probs.device)
-    cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    return idx.clamp_max(probs.shape[-1] - 1)
-
-
-@torch.no_grad()
 def generate_batch(
     target: Target,
     prompts: Sequence[Sequence[int]],
@@ -125,73 +115,13 @@ def generate_batch(
 ) -> list[tuple[list[int], torch.Tensor, bool]]:
     """Sample responses for a batch of prompts; returns (response ids, hidden [n+1, H], finished) per prompt.
 
-    A hand-written loop over the decoder (rather than HF `generate`) because it must warp p with
-    `lkspec.sampling.warp_probs` (the replay warps the draft the same way) and keep the post-norm states
-    it sampled from. Finished rows leave the batch (the KV cache is sliced) so long tails cost little.
+    `lkspec.targets.decode` rather than HF `generate`, because the draft must be warped with
+    `lkspec.sampling.warp_probs` as p is, and the replay needs the very post-norm states p was sampled from.
     """
-    from transformers import DynamicCache
-
     s = settings
-    check_temperature(s.temperature)
-    if s.temperature > 0 and (generators is None or len(generators) != len(prompts)):
-        raise ValueError("sampling at T > 0 needs one generator per prompt")
-    B = len(prompts)
-    if any(len(p) < 2 for p in prompts):
-        raise LkspecError("every prompt needs at least 2 tokens (render it with the target's chat template)")
-    dev = target.device
-    eos = torch.tensor(target.eos_token_ids, device=dev)
-    Pm = max(len(p) for p in prompts)
-    ids = torch.full((B, Pm), target.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(B, Pm, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, Pm - len(p) :] = torch.tensor(list(p))
-        mask[i, Pm - len(p) :] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    decoder = cached_decoder(target.model)
-    cache = DynamicCache(config=target.model.config)
-    h = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
-    hidden: list[list[torch.Tensor]] = [[h[i, -2], h[i, -1]] for i in range(B)]
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
-    active = list(range(B))  # original row of each batch row
-    last_h = h[:, -1]
-    next_pos = pos[:, -1] + 1
-    for step in range(s.max_new_tokens):
-        probs = warp_probs(target.logits_from_hidden(last_h), s.temperature, s.top_k, s.top_p)
-        if s.temperature == 0:
-            tok = probs.argmax(-1)
-        else:
-            assert generators is not None
-            tok = _sample_rows(probs, [generators[i] for i in active])
-        done = torch.isin(tok, eos)
-        keep = []
-        for j, i in enumerate(active):
-            tokens[i].append(int(tok[j]))
-            if bool(done[j]):
-                finished[i] = True
-            else:
-                keep.append(j)
-        if on_step is not None:
-            on_step(len(active))
-        if not keep or step == s.max_new_tokens - 1:
-            break
-        if len(keep) < len(active):
-            sel = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(sel)
-            tok, mask, next_pos = tok[sel], mask[sel], next_pos[sel]
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
-        last_h = decoder(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                         cache=cache, use_cache=True).last_hidden_state[:, -1]
-        next_pos = next_pos + 1
-        for j, i in enumerate(active):
-            hidden[i].append(last_h[j])
-    out = []
-    for i in range(B):
-        n = len(tokens[i])
-        out.append((tokens[i], torch.stack(hidden[i][: n + 1]).cpu(), finished[i]))
-    return out
+    out = decode_batch(target, prompts, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       max_new_tokens=s.max_new_tokens, generators=generators, on_step=on_step)
+    return [(d.tokens, d.hidden, d.finished) for d in out]
 
 
 # ----------------------------------------------------------------------------------------------
