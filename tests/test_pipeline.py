@@ -79,7 +79,9 @@ def test_demo_presets_scale_and_reject_bad_knobs() -> None:
     assert demo_config(scale=2).data.prompts.limit == 2 * full.data.prompts.limit
     assert demo_config(scale=2).eval.limit == 2 * full.eval.limit
     for cfg in (full, quick, demo_config(scale=3)):  # trained on the benchmarks past the prompts it evaluates
-        assert all(p.source.startswith("bench:") and p.skip >= cfg.eval.limit for _, p, _ in cfg.data.parts())
+        parts = [p for _, p, _ in cfg.data.parts()]
+        assert all(p.skip >= cfg.eval.limit for p in parts if p.source.startswith("bench:"))
+        assert [p.source for p in parts if not p.source.startswith("bench:")] == ["sharegpt"]  # MT-bench's kind
     assert demo_config(arch="all").archs == ["mlp_speculator", "medusa"]
     with pytest.raises(LkspecError, match="--arch"):
         demo_config(arch="eagle")

@@ -54,8 +54,8 @@ def demo(
         "benchmark. Its numbers mean nothing; it proves the chain works.")] = False,
     scale: Annotated[float, typer.Option(
         "--scale", help="Multiply the evaluation prompts per benchmark and the training prompts (2 = 40 "
-        "evaluation prompts per benchmark and tighter CIs; training has at most the 224 prompts past the first 40 "
-        "of each benchmark, fewer from 3 on).")] = 1.0,
+        "evaluation prompts per benchmark and tighter CIs; the benchmarks have at most 224 training prompts past "
+        "the first 40 of each, fewer from 3 on; ShareGPT has thousands).")] = 1.0,
     arch: Annotated[str, typer.Option(
         "--arch", help="mlp (MLP-Speculator, eta 3), medusa (MEDUSA, eta 10), eagle3 (EAGLE-3, eta 3) or all "
         "(mlp and medusa).")] = "mlp",
@@ -67,9 +67,10 @@ def demo(
     quiet: Quiet = False,
 ) -> None:
     """Train drafts worth serving on the embedded target and compare KL with LK, end to end and offline: the target
-    answers the benchmarks' prompts past the evaluated ones (T=1 and T=0), features are cached, drafts start from
-    the target and train with kl and lk_hybrid (same data, seed and steps), exact tau (K=6, T=0/1, sampled and
-    greedy rules) on MT-bench, HumanEval and GSM8K beside the n-gram lookup, vLLM export, report.md."""
+    answers the benchmarks' prompts past the evaluated ones (T=1 and T=0) and ShareGPT prompts (T=0), its states
+    are cached, drafts start from the target and train with kl and lk_hybrid (same data, seed and steps), exact tau
+    (K=6, T=0/1, sampled and greedy rules) on MT-bench, HumanEval and GSM8K beside the n-gram lookup, vLLM export,
+    report.md."""
     from lkspec.demo import demo_config
     from lkspec.pipeline import run_pipeline
 
