@@ -26,9 +26,8 @@ import time
 import torch
 
 from lkspec.drafts import build_draft
-from lkspec.train.batching import MicroBatch
 from lkspec.train.step import StepRunner, head_modules
-from vocab_throughput import RandomHead
+from vocab_throughput import RandomHead, random_micro_batch
 
 
 def demo_draft(H: int, V: int, N: int, mirrored: bool) -> torch.nn.Module:
@@ -53,13 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     H, V = 576, 49152
     head = RandomHead(V, H)
-    g = torch.Generator().manual_seed(0)
-    mb = MicroBatch(hidden=torch.randn(1, args.tokens, H, generator=g),
-                    input_ids=torch.randint(0, V, (1, args.tokens), generator=g),
-                    loss_mask=torch.ones(1, args.tokens, dtype=torch.bool),
-                    doc_ids=torch.zeros(1, args.tokens, dtype=torch.int64),
-                    own=torch.ones(1, args.tokens, dtype=torch.bool))
-    mb.target_lse = torch.logsumexp(head.logits_from_hidden(mb.hidden[0]), -1)[None]
+    mb = random_micro_batch(args.tokens, H, V, head)
     runs = {}
     for mirrored in (False, True):
         for impl in ("chunked", "fused"):

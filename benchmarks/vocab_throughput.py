@@ -37,6 +37,19 @@ class RandomHead:
         return torch.nn.functional.linear(h.float(), self.weight if rows is None else self.weight[rows])
 
 
+def random_micro_batch(tokens: int, H: int, V: int, head: RandomHead, stored_lse: bool = True) -> MicroBatch:
+    """One packed row of random features (every token trained on), with the teacher's stored normaliser."""
+    g = torch.Generator().manual_seed(0)
+    mb = MicroBatch(hidden=torch.randn(1, tokens, H, generator=g),
+                    input_ids=torch.randint(0, V, (1, tokens), generator=g),
+                    loss_mask=torch.ones(1, tokens, dtype=torch.bool),
+                    doc_ids=torch.zeros(1, tokens, dtype=torch.int64),
+                    own=torch.ones(1, tokens, dtype=torch.bool))
+    if stored_lse:
+        mb.target_lse = torch.logsumexp(head.logits_from_hidden(mb.hidden[0]), -1)[None]
+    return mb
+
+
 def make(arch: str, H: int, V: int, N: int | None, freeze: bool) -> Draft:
     opts = {"inner_dim": 2 * H, "tie_weights": True} if arch == "mlp_speculator" else {"num_layers": 1}
     d = build_draft(arch, seed=0, hidden_size=H, vocab_size=V, num_heads=6, draft_vocab_size=N, **opts)
@@ -61,14 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     H, V, K = 576, 49152, 6
     head = RandomHead(V, H)
-    g = torch.Generator().manual_seed(0)
-    mb = MicroBatch(hidden=torch.randn(1, args.tokens, H, generator=g),
-                    input_ids=torch.randint(0, V, (1, args.tokens), generator=g),
-                    loss_mask=torch.ones(1, args.tokens, dtype=torch.bool),
-                    doc_ids=torch.zeros(1, args.tokens, dtype=torch.int64),
-                    own=torch.ones(1, args.tokens, dtype=torch.bool))
-    if not args.no_stored_lse:
-        mb.target_lse = torch.logsumexp(head.logits_from_hidden(mb.hidden[0]), -1)[None]
+    mb = random_micro_batch(args.tokens, H, V, head, stored_lse=not args.no_stored_lse)
     freezes = {"yes": [True], "no": [False], "both": [True, False]}[args.freeze]
     configs = [(a, n, f) for a in args.arch for f in freezes for n in [None, *args.vocab]]
     runs = {}
