@@ -83,6 +83,22 @@ def test_packed_documents_do_not_see_each_other():
         torch.testing.assert_close(packed[k - 1][:, 7 : 7 + 9 - k], alone_b[k - 1], rtol=1e-9, atol=1e-9)
 
 
+
+def test_rows_packed_differently_each_keep_their_own_documents():
+    """Two packed rows whose documents end at different places: each row is cut by its own segments."""
+    d = tiny()
+    f, i = data(16, seed=4)
+    seg = torch.tensor([[0] * 5 + [1] * 11, [0] * 9 + [1] * 7])
+    both = d.head_states(torch.cat([f, f]), torch.cat([i, i]), segments=seg)
+    for r in range(2):
+        alone = d.head_states(f, i, segments=seg[r : r + 1])
+        for k in range(d.num_heads):
+            torch.testing.assert_close(both[k][r : r + 1], alone[k], rtol=1e-12, atol=1e-12)
+    cut = 5
+    first_doc = d.head_states(f[:, :cut], i[:, :cut])  # row 0's first document, by itself
+    torch.testing.assert_close(both[0][:1, : cut - 1], first_doc[0], rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(both[0][0, cut - 1 :], both[0][1, cut - 1 :])  # row 1 still sees positions 0..8
+
 def test_truncated_head_gives_zero_mass_outside_its_map():
     d = tiny(draft_vocab_size=10)
     d.set_token_map(torch.arange(0, 50, 5))

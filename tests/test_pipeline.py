@@ -83,6 +83,11 @@ def test_demo_presets_scale_and_reject_bad_knobs() -> None:
         assert all(p.skip >= cfg.eval.limit for p in parts if p.source.startswith("bench:"))
         assert [p.source for p in parts if not p.source.startswith("bench:")] == ["sharegpt"]  # MT-bench's kind
     assert demo_config(arch="all").archs == ["mlp_speculator", "medusa"]
+    e3, e3_quick = demo_config(arch="eagle3"), demo_config(arch="eagle3", quick=True)
+    assert e3.losses == ["lk_hybrid"] and e3.arch_train["eagle3"]["epochs"] == 6  # one long training fits 25 min
+    assert e3_quick.arch_train["eagle3"]["epochs"] == 1 and e3_quick.arch_train["eagle3"]["optim"]["lr"] == 1e-3
+    assert demo_config(arch="eagle3", overrides={"losses": ["kl", "lk_hybrid"]}).losses == ["kl", "lk_hybrid"]
+
     with pytest.raises(LkspecError, match="--arch"):
         demo_config(arch="eagle")
     with pytest.raises(LkspecError, match="--scale"):

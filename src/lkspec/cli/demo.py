@@ -57,8 +57,8 @@ def demo(
         "evaluation prompts per benchmark and tighter CIs; the benchmarks have at most 224 training prompts past "
         "the first 40 of each, fewer from 3 on; ShareGPT has thousands).")] = 1.0,
     arch: Annotated[str, typer.Option(
-        "--arch", help="mlp (MLP-Speculator, eta 3), medusa (MEDUSA, eta 10), eagle3 (EAGLE-3, eta 3) or all "
-        "(mlp and medusa).")] = "mlp",
+        "--arch", help="mlp (MLP-Speculator, eta 3), medusa (MEDUSA, eta 10), eagle3 (EAGLE-3, eta 3; lk_hybrid "
+        "only, trained longer: add KL with --set 'losses=[kl,lk_hybrid]') or all (mlp and medusa).")] = "mlp",
     all_archs: Annotated[bool, typer.Option("--all", help="Same as --arch all.")] = False,
     target: Annotated[str, typer.Option(
         "--target", help="Target model (default: the embedded SmolLM2-135M-Instruct).")] = "smollm2-135m-instruct",

@@ -35,7 +35,7 @@ from torch import nn
 
 from lkspec.data.source import Doc
 from lkspec.drafts.base import Draft, DraftConfig, register
-from lkspec.drafts.llama_layer import MidLayer, RMSNorm
+from lkspec.drafts.llama_layer import MidLayer, RMSNorm, document_attention, document_blocks
 from lkspec.drafts.target_init import InitReport, NormalEquations, TargetBasis, rms_normalise
 from lkspec.errors import LkspecError
 from lkspec.targets import TargetTensors
@@ -237,7 +237,8 @@ class Eagle3(Draft):
         """hidden [B, T, A*H]: the target's aux states; head k -> [B, T-k-first, H] for anchors first..T-k-1.
 
         Step 1 runs over every anchor (they are the keys of every later query); `segments` [B, T] keeps packed
-        documents from attending to each other.
+        documents from attending to each other. Scores are computed per document (`_context`), not over the
+        packed row with a mask: a 2048-token row of ~250-token documents has 1/8 of the row's T^2 scores.
         """
         B, T, _ = hidden.shape
         if input_ids.shape[:2] != (B, T):
@@ -246,22 +247,20 @@ class Eagle3(Draft):
             raise LkspecError(f"an eagle3 draft reads {self.config.num_aux} target layers ({self.fc.in_features} "
                               f"features per token) but got {hidden.shape[-1]}; use features with aux layers "
                               f"{list(self.aux_layers)}")
+        if segments is not None and B > 1:  # documents are cut per row: one row at a time
+            rows = [self.head_states(hidden[i : i + 1], input_ids[i : i + 1], first=first,
+                                     segments=segments[i : i + 1]) for i in range(B)]
+            return [torch.cat(parts) for parts in zip(*rows, strict=True)]
         layer, attn = self.midlayer, self.midlayer.self_attn
         ids = input_ids.to(hidden.device).long()
         n1 = max(T - 1, 0)
+        blocks = document_blocks(None if segments is None else segments[0, :n1], n1)
         pos = torch.arange(n1, device=hidden.device)
         x = self.fc(self._as_param_dtype(hidden[:, :n1]))
         q, k1, v1 = attn.qkv(layer.inputs(self.embed_tokens(ids[:, 1 : 1 + n1]), x), pos)
-        allowed = pos[None, :] <= pos[:, None]  # [query t, key s]
-        if segments is not None:
-            seg = segments.to(hidden.device)[:, :n1]
-            allowed = allowed[None] & (seg[:, :, None] == seg[:, None, :])
-            allowed = allowed[:, None]
         scale = 1.0 / math.sqrt(attn.d)
-        scores = (q[:, :, first:] @ k1.transpose(-1, -2)) * scale
-        mask = allowed[..., first:, :]
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
-        g = layer.finish(x[:, first:], probs @ v1)
+        o, _ = document_attention(q[:, :, first:], k1, v1, blocks, first, scale)
+        g = layer.finish(x[:, first:], o)
         out = [self.norm(g)]
         chain_k, chain_v = [], []
         for j in range(2, self.num_heads + 1):
@@ -271,10 +270,11 @@ class Eagle3(Draft):
             q, kj, vj = attn.qkv(layer.inputs(self.embed_tokens(ids[:, first + j : first + j + n]), g), qpos)
             chain_k = [c[:, :, :n] for c in chain_k] + [kj]
             chain_v = [c[:, :, :n] for c in chain_v] + [vj]
-            ctx_scores = ((q @ k1.transpose(-1, -2)) * scale).masked_fill(~mask[..., :n, :], float("-inf"))
+            o_ctx, lse_ctx = document_attention(q, k1, v1, blocks, first, scale)
             own = torch.stack([(q * c).sum(-1) for c in chain_k], -1) * scale  # [B, nh, n, j-1]
-            p = torch.softmax(torch.cat([ctx_scores, own], -1), -1)
-            o = p[..., :n1] @ v1 + (p[..., n1:, None] * torch.stack(chain_v, -2)).sum(-2)
+            lse = torch.logaddexp(lse_ctx, torch.logsumexp(own, -1))  # one softmax over context and chain
+            o = (lse_ctx - lse).exp()[..., None] * o_ctx + \
+                ((own - lse[..., None]).exp()[..., None] * torch.stack(chain_v, -2)).sum(-2)
             g = layer.finish(g, o)
             out.append(self.norm(g))
         return out

@@ -9,6 +9,7 @@ MLP width, RoPE theta, norm eps).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -62,6 +63,36 @@ class Attention(nn.Module):
     def out(self, o: torch.Tensor) -> torch.Tensor:
         B, _, T, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.d))
+
+
+def document_blocks(segments: torch.Tensor | None, n: int) -> list[tuple[int, int]]:
+    """[start, end) of each document among positions 0..n-1 of a packed row (segments [n]); one block if None."""
+    if segments is None or n == 0:
+        return [(0, n)]
+    cuts = ((segments[1:] != segments[:-1]).nonzero().flatten() + 1).tolist()
+    edges = [0, *cuts, n]
+    return list(itertools.pairwise(edges))
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[tuple[int, int]],
+                       first: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of queries at anchors first..first+n-1 (q [B, nh, n, d]) over the context keys of their
+    own document (k, v [B, nh, n1, d], anchor s's key at s <= t): the output and the scores' logsumexp [B, nh, n],
+    which lets a caller merge further keys into the same softmax."""
+    n = q.shape[2]
+    outs, lses = [], []
+    for a, b in blocks:
+        lo, hi = max(a, first), min(b, first + n)
+        if lo >= hi:
+            continue
+        s = (q[:, :, lo - first : hi - first] @ k[:, :, a:hi].transpose(-1, -2)) * scale
+        keys = torch.arange(a, hi, device=q.device)
+        s = s.masked_fill(keys[None, :] > torch.arange(lo, hi, device=q.device)[:, None], float("-inf"))
+        outs.append(torch.softmax(s, -1) @ v[:, :, a:hi])
+        lses.append(torch.logsumexp(s, -1))
+    if not outs:
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1])
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 class MLP(nn.Module):
