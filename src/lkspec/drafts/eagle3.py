@@ -237,7 +237,7 @@ class Eagle3(Draft):
         """hidden [B, T, A*H]: the target's aux states; head k -> [B, T-k-first, H] for anchors first..T-k-1.
 
         Step 1 runs over every anchor (they are the keys of every later query); `segments` [B, T] keeps packed
-        documents from attending to each other. Scores are computed per document (`_context`), not over the
+        documents from attending to each other. Scores are computed per document (`document_attention`), not over the
         packed row with a mask: a 2048-token row of ~250-token documents has 1/8 of the row's T^2 scores.
         """
         B, T, _ = hidden.shape
