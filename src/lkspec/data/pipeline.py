@@ -7,6 +7,7 @@ backend regeneration keeps the target's states for the features (`lkspec.data.st
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -35,8 +36,10 @@ def run_all(get_target: Callable[[str], Target], prompts: PromptConfig, regen: R
         write_prompts_jsonl(ps, paths["prompts"])
     target = get_target("regenerate")
     # the hf backend computes every state the features need on its way: it keeps them (lkspec.data.states)
-    keep = StateSpec(features.get("dtype", "bfloat16"), tuple(features.get("aux_layers") or ()))
-    regenerate(target, ps, paths["tokens"], regen, progress=progress, states=keep if regen.backend == "hf" else None)
+    wanted = inspect.signature(extract_features).bind_partial(**features)
+    wanted.apply_defaults()  # what extract_features will ask for, its own defaults included
+    keep = StateSpec(wanted.arguments["dtype"], tuple(wanted.arguments["aux_layers"] or ()))
+    regenerate(target, ps, paths["tokens"], regen, progress=progress, states=keep)
     if regen.backend != "hf":
         target = get_target("features")
     extract_features(target, paths["tokens"], paths["features"], progress=progress, **features)

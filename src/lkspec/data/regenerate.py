@@ -261,12 +261,11 @@ def regenerate(
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / META, meta)
 
-    keep_states = states is not None and backend == "hf"
+    kept = states if backend == "hf" else None  # only lkspec's own decoding loop can hand its states over
     if backend == "vllm":
         generate: Callable[..., list[Generated]] = VllmBackend(target)
-    elif keep_states:
-        assert states is not None
-        generate = functools.partial(hf_generate, keep_states=True, aux_layers=states.aux_layers)
+    elif kept is not None:
+        generate = functools.partial(hf_generate, keep_states=True, aux_layers=kept.aux_layers)
     else:
         generate = hf_generate
 
@@ -301,10 +300,9 @@ def regenerate(
             results = generate(target, [prompt_ids[i] for i in idx], sampling, cfg.max_new_tokens,
                                derive_seed(cfg.seed, b))
         with disk_full_is_one_line(f"writing batch {b} to {parts_dir}", "the finished batches are kept"):
-            if keep_states:  # before the part: a batch counts as done only with its states
-                assert states is not None
+            if kept is not None:  # before the part: a batch counts as done only with its states
                 write_batch(out, b, idx, [g.hidden for g in results],  # type: ignore[misc]
-                            [g.aux for g in results] if states.aux_layers else None, states)  # type: ignore[misc]
+                            [g.aux for g in results] if kept.aux_layers else None, kept)  # type: ignore[misc]
             _write_part(parts_dir / _part_name(b), {
                 "index": idx,
                 "prompt_id": [records[i].id for i in idx],
@@ -321,9 +319,8 @@ def regenerate(
             on_batch_done(b)
     bar.close()
     with disk_full_is_one_line(f"saving the dataset to {out}", "all batches are kept in parts/"):
-        if keep_states:
-            assert states is not None
-            finish_states(out, len(batches), keep, states)
+        if kept is not None:
+            finish_states(out, len(batches), keep, kept)
         meta = _finalize(out, [parts_dir / _part_name(b) for b in range(len(batches))], meta, progress)
     c = meta["counts"]
     log.info("tokens dataset %s: %d rows, %d response tokens (%d ended at EOS, %d at the limit)", out, c["rows"],

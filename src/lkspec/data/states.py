@@ -40,7 +40,7 @@ FORMAT = "lkspec-states/1"
 class StateSpec:
     """What the feature store will want: its storage dtype and the aux layers its drafts read."""
 
-    dtype: str = "bfloat16"
+    dtype: str
     aux_layers: tuple[int, ...] = field(default_factory=tuple)
 
 
