@@ -99,6 +99,79 @@ def test_rows_packed_differently_each_keep_their_own_documents():
     torch.testing.assert_close(both[0][:1, : cut - 1], first_doc[0], rtol=1e-9, atol=1e-9)
     assert not torch.allclose(both[0][0, cut - 1 :], both[0][1, cut - 1 :])  # row 1 still sees positions 0..8
 
+def test_chains_run_only_at_the_given_anchors_with_the_same_values_and_gradients():
+    """`anchors` (the trained anchors) changes which chains run, never their values: the states at those anchors and
+    the gradients of anything computed from them equal the all-anchor pass; other anchors come back as zeros."""
+    d = tiny()
+    f, i = data(20, seed=5)
+    seg = torch.tensor([[0] * 8 + [1] * 12])
+    anchors = torch.zeros(1, 20, dtype=torch.bool)
+    anchors[0, [4, 5, 6, 13, 14, 15, 16, 17]] = True  # each document's answer, as a packed training row has them
+    full = d.head_states(f, i, segments=seg)
+    part = d.head_states(f, i, segments=seg, anchors=anchors)
+    w = torch.randn(16, dtype=torch.float64)
+
+    def grads(states):
+        d.zero_grad(set_to_none=True)
+        sum((s[0, anchors[0, : s.shape[1]]] @ w).sin().sum() for s in states).backward()
+        return {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
+
+    for k, (a, b) in enumerate(zip(full, part, strict=True), 1):
+        m = anchors[0, : 20 - k]
+        torch.testing.assert_close(b[0, m], a[0, m], rtol=1e-12, atol=1e-12)
+        assert b[0, ~m].abs().max() == 0
+    ref = grads(d.head_states(f, i, segments=seg))
+    got = grads(d.head_states(f, i, segments=seg, anchors=anchors))
+    assert ref.keys() == got.keys() and "midlayer.mlp.down_proj.weight" in got
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=n)
+    batch = d.head_states(torch.cat([f, f]), torch.cat([i, i]), segments=torch.cat([seg, seg]),
+                          anchors=torch.cat([anchors, torch.ones_like(anchors)]))
+    for k in range(d.num_heads):  # rows with other anchors: each row by its own
+        torch.testing.assert_close(batch[k][0], part[k][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(batch[k][1], full[k][0], rtol=1e-12, atol=1e-12)
+
+
+def test_training_step_computes_chains_at_trained_anchors_only(tiny_target):
+    """The runner hands the trunk every anchor some head trains on: the same loss and gradients as running every
+    anchor's chain, from fewer chain positions."""
+    from lkspec.data.source import Doc
+    from lkspec.train.step import StepRunner, head_modules
+
+    H = tiny_target.hidden_size
+    d = build_draft("eagle3", seed=0, hidden_size=H, vocab_size=tiny_target.vocab_size, num_heads=3,
+                    aux_layers=[0, 1, 2], num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                    intermediate_size=32)
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for row, (n, prompt) in enumerate([(19, 9), (23, 14), (15, 4)]):
+        ids = torch.randint(3, tiny_target.vocab_size, (n,), generator=g)
+        last, aux = tiny_target.states(ids[None], None, [0, 1, 2])
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[prompt:] = True
+        docs.append(Doc(row, ids, mask, last[0], aux=aux[0]))
+    seen = []
+
+    def every_anchor(*args, anchors, **kw):
+        seen.append(int(anchors.sum()))
+        return d.head_states(*args, **kw)
+
+    results = []
+    for trunk in (every_anchor, None):
+        d.zero_grad(set_to_none=True)
+        runner = StepRunner(d, tiny_target, head_modules(d), loss="lk_hybrid", eta=3.0, gamma=0.8, temperature=1.0,
+                            impl="chunked", micro_batch_tokens=4096, trunk=trunk)
+        sums = runner.accumulate(runner.pack(docs))
+        results.append((sums.t.clone(), {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}))
+    (ref_sums, ref), (sums, got) = results
+    # head k at anchor t learns token t + k + 1: anchors prompt - K - 1 .. T - 3 of each document, 36 of its 54
+    assert seen == [sum(len(x) - p + 2 for x, p in zip(docs, (9, 14, 4), strict=True))] == [36]
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-6)
+    assert ref.keys() == got.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_truncated_head_gives_zero_mass_outside_its_map():
     d = tiny(draft_vocab_size=10)
     d.set_token_map(torch.arange(0, 50, 5))

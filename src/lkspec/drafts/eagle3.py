@@ -233,12 +233,16 @@ class Eagle3(Draft):
 
     # ----- teacher-forced: every anchor's chain at once ----------------------------------------
     def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, first: int = 0,
-                    segments: torch.Tensor | None = None) -> list[torch.Tensor]:
+                    segments: torch.Tensor | None = None, anchors: torch.Tensor | None = None) -> list[torch.Tensor]:
         """hidden [B, T, A*H]: the target's aux states; head k -> [B, T-k-first, H] for anchors first..T-k-1.
 
         Step 1 runs over every anchor (they are the keys of every later query); `segments` [B, T] keeps packed
         documents from attending to each other. Scores are computed per document (`document_attention`), not over the
         packed row with a mask: a 2048-token row of ~250-token documents has 1/8 of the row's T^2 scores.
+
+        `anchors` [B, T] bool: the only anchors whose states the caller reads (a training row's trained anchors);
+        every other anchor's state is returned as zeros. Step 1's keys still cover every position, but only these
+        anchors run the layer's queries, MLP and chain: a demo row is ~58 % prompt, which no head is trained on.
         """
         B, T, _ = hidden.shape
         if input_ids.shape[:2] != (B, T):
@@ -247,37 +251,48 @@ class Eagle3(Draft):
             raise LkspecError(f"an eagle3 draft reads {self.config.num_aux} target layers ({self.fc.in_features} "
                               f"features per token) but got {hidden.shape[-1]}; use features with aux layers "
                               f"{list(self.aux_layers)}")
-        if segments is not None and B > 1:  # documents are cut per row: one row at a time
+        if B > 1 and (segments is not None or anchors is not None):  # documents and anchors differ per row
             rows = [self.head_states(hidden[i : i + 1], input_ids[i : i + 1], first=first,
-                                     segments=segments[i : i + 1]) for i in range(B)]
+                                     segments=None if segments is None else segments[i : i + 1],
+                                     anchors=None if anchors is None else anchors[i : i + 1]) for i in range(B)]
             return [torch.cat(parts) for parts in zip(*rows, strict=True)]
         layer, attn = self.midlayer, self.midlayer.self_attn
-        ids = input_ids.to(hidden.device).long()
+        dev = hidden.device
+        ids = input_ids.to(dev).long()
         n1 = max(T - 1, 0)
         blocks = document_blocks(None if segments is None else segments[0, :n1], n1)
-        pos = torch.arange(n1, device=hidden.device)
+        at = torch.arange(first, n1, device=dev)  # anchors computed, ascending
+        if anchors is not None:
+            at = at[anchors[0, first:n1].to(dev)]
         x = self.fc(self._as_param_dtype(hidden[:, :n1]))
-        q, k1, v1 = attn.qkv(layer.inputs(self.embed_tokens(ids[:, 1 : 1 + n1]), x), pos)
+        u = layer.inputs(self.embed_tokens(ids[:, 1 : 1 + n1]), x)
+        k1, v1 = attn.kv(u, torch.arange(n1, device=dev))
         scale = 1.0 / math.sqrt(attn.d)
-        o, _ = document_attention(q[:, :, first:], k1, v1, blocks, first, scale)
-        g = layer.finish(x[:, first:], o)
-        out = [self.norm(g)]
+        o, _ = document_attention(attn.q(u[:, at], at), k1, v1, blocks, at, scale)
+        g = layer.finish(x[:, at], o)
+        out = [self._dense(self.norm(g), at, max(n1 - first, 0), first)]
         chain_k, chain_v = [], []
         for j in range(2, self.num_heads + 1):
-            n = max(T - j - first, 0)  # anchors first .. T-j-1
-            g = g[:, :n]
-            qpos = torch.arange(first, first + n, device=hidden.device) + (j - 1)
-            q, kj, vj = attn.qkv(layer.inputs(self.embed_tokens(ids[:, first + j : first + j + n]), g), qpos)
+            n = int(torch.searchsorted(at, T - j))  # anchors <= T-j-1: their chain's token j exists
+            at, g = at[:n], g[:, :n]
+            q, kj, vj = attn.qkv(layer.inputs(self.embed_tokens(ids[:, at + j]), g), at + (j - 1))
             chain_k = [c[:, :, :n] for c in chain_k] + [kj]
             chain_v = [c[:, :, :n] for c in chain_v] + [vj]
-            o_ctx, lse_ctx = document_attention(q, k1, v1, blocks, first, scale)
+            o_ctx, lse_ctx = document_attention(q, k1, v1, blocks, at, scale)
             own = torch.stack([(q * c).sum(-1) for c in chain_k], -1) * scale  # [B, nh, n, j-1]
             lse = torch.logaddexp(lse_ctx, torch.logsumexp(own, -1))  # one softmax over context and chain
             o = (lse_ctx - lse).exp()[..., None] * o_ctx + \
                 ((own - lse[..., None]).exp()[..., None] * torch.stack(chain_v, -2)).sum(-2)
             g = layer.finish(g, o)
-            out.append(self.norm(g))
+            out.append(self._dense(self.norm(g), at, max(T - j - first, 0), first))
         return out
+
+    @staticmethod
+    def _dense(states: torch.Tensor, at: torch.Tensor, n: int, first: int) -> torch.Tensor:
+        """States at anchors `at` [m] -> [B, n, H] over anchors first..first+n-1, zeros where none was computed."""
+        if states.shape[1] == n:
+            return states
+        return states.new_zeros(states.shape[0], n, states.shape[2]).index_copy(1, at - first, states)
 
     def head_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, first: int = 0) -> list[torch.Tensor]:
         return [s @ self.lm_head.weight.T for s in self.head_states(hidden, input_ids, first=first)]

@@ -9,6 +9,7 @@ MLP width, RoPE theta, norm eps).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from typing import Any
 
@@ -51,14 +52,21 @@ class Attention(nn.Module):
         x1, x2 = x[..., : self.d // 2], x[..., self.d // 2 :]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    def qkv(self, u: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B, T, 2H] -> q [B, nh, T, d], k and v [B, nh, T, d] (key/value heads repeated for grouped queries)."""
+    def q(self, u: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[B, T, 2H] -> queries [B, nh, T, d] at positions pos."""
         B, T, _ = u.shape
-        q = self.q_proj(u).view(B, T, self.nh, self.d).transpose(1, 2)
+        return self.rope(self.q_proj(u).view(B, T, self.nh, self.d).transpose(1, 2), pos)
+
+    def kv(self, u: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T, 2H] -> keys and values [B, nh, T, d] (key/value heads repeated for grouped queries)."""
+        B, T, _ = u.shape
         k = self.k_proj(u).view(B, T, self.nkv, self.d).transpose(1, 2)
         v = self.v_proj(u).view(B, T, self.nkv, self.d).transpose(1, 2)
         rep = self.nh // self.nkv
-        return self.rope(q, pos), self.rope(k, pos).repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return self.rope(k, pos).repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+
+    def qkv(self, u: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q(u, pos), *self.kv(u, pos)
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
         B, _, T, _ = o.shape
@@ -75,20 +83,21 @@ def document_blocks(segments: torch.Tensor | None, n: int) -> list[tuple[int, in
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: list[tuple[int, int]],
-                       first: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of queries at anchors first..first+n-1 (q [B, nh, n, d]) over the context keys of their
-    own document (k, v [B, nh, n1, d], anchor s's key at s <= t): the output and the scores' logsumexp [B, nh, n],
-    which lets a caller merge further keys into the same softmax."""
-    n = q.shape[2]
+                       anchors: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of queries at anchors [n] (ascending positions; q [B, nh, n, d]) over the context keys of
+    their own document (k, v [B, nh, n1, d], anchor s's key at s <= t): the output and the scores' logsumexp
+    [B, nh, n], which lets a caller merge further keys into the same softmax."""
+    at = anchors.tolist()
     outs, lses = [], []
     for a, b in blocks:
-        lo, hi = max(a, first), min(b, first + n)
+        lo, hi = bisect.bisect_left(at, a), bisect.bisect_left(at, b)
         if lo >= hi:
             continue
-        s = (q[:, :, lo - first : hi - first] @ k[:, :, a:hi].transpose(-1, -2)) * scale
-        keys = torch.arange(a, hi, device=q.device)
-        s = s.masked_fill(keys[None, :] > torch.arange(lo, hi, device=q.device)[:, None], float("-inf"))
-        outs.append(torch.softmax(s, -1) @ v[:, :, a:hi])
+        end = at[hi - 1] + 1  # no query of this document reads a key past its last anchor
+        s = (q[:, :, lo:hi] @ k[:, :, a:end].transpose(-1, -2)) * scale
+        keys = torch.arange(a, end, device=q.device)
+        s = s.masked_fill(keys[None, :] > anchors[lo:hi, None], float("-inf"))
+        outs.append(torch.softmax(s, -1) @ v[:, :, a:end])
         lses.append(torch.logsumexp(s, -1))
     if not outs:
         return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1])

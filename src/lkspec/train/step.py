@@ -113,7 +113,7 @@ class StepRunner:
                     lse = torch.logsumexp(teacher / self.temperature, -1)
                     teacher = teacher[:, token_map.to(dev)]
         with torch.set_grad_enabled(backward), self.autocast():
-            states = [s[0] for s in self.trunk(*self.draft_inputs(mb, hidden), ids, **self.packing(mb))]
+            states = [s[0] for s in self.trunk(*self.draft_inputs(mb, hidden), ids, **self.packing(mb, masks))]
 
         def rows(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             """Head k's anchors, the teacher's logits there and their full-vocabulary normalisers."""
@@ -175,9 +175,15 @@ class StepRunner:
         width = len(self.draft.aux_layers) * self.draft.config.hidden_size
         return (hidden.new_zeros(1, 0, width),)
 
-    def packing(self, mb: MicroBatch) -> dict[str, torch.Tensor]:
-        """A draft that attends must not look across the documents packed into one row."""
-        return {"segments": mb.doc_ids.to(self.device)} if self.draft.attends else {}
+    def packing(self, mb: MicroBatch, masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A draft that attends must not look across the documents packed into one row, and computes its chains
+        only at the anchors some head trains on (the others are context: keys, never queries)."""
+        if not self.draft.attends:
+            return {}
+        anchors = torch.zeros(mb.num_tokens, dtype=torch.bool, device=self.device)
+        for m in masks:
+            anchors[: m.numel()] |= m  # head k's mask covers anchors 0..T-k-1
+        return {"segments": mb.doc_ids.to(self.device), "anchors": anchors[None]}
 
     def reduced_alpha_mean(self, k: int, counts: list[float]) -> AlphaMean:
         """lambda's batch-mean alpha from one all-reduce of head k's alpha sum, right before its backward."""
