@@ -93,3 +93,40 @@ def test_embedded_target_offline(embedded_target) -> None:
     again = load_target("smollm2-135m-instruct", device="cpu")
     assert time.perf_counter() - start < 15
     assert again.identity == t.identity
+
+
+@pytest.mark.parametrize("capacity", [0, 64])
+def test_growing_kv_cache_gives_hf_caches_outputs(tiny_target, capacity) -> None:
+    """lkspec's cache (buffers written in place) against HF's `DynamicCache` through a prefill, single-token steps past
+    its capacity, a row leaving the batch and a crop back to an accepted prefix: the same logits at every step."""
+    from transformers import DynamicCache
+
+    from lkspec.targets import cached_decoder, crop_cache
+    from lkspec.targets.kv_cache import new_cache
+
+    decoder = cached_decoder(tiny_target.model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, tiny_target.vocab_size, (3, 40), generator=g)
+    caches = [DynamicCache(config=tiny_target.model.config), new_cache(tiny_target.model.config, capacity)]
+    assert type(caches[1].layers[0]).__name__ == "GrowingLayer"
+
+    def run(cache, x, start):
+        pos = torch.arange(start, start + x.shape[1]).expand(x.shape[0], -1)
+        return decoder(input_ids=x, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
+
+    def both(x, start):
+        ref, got = (run(c, x, start) for c in caches)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+    both(ids[:, :12], 0)
+    for t in range(12, 30):  # one token at a time, past a capacity of 0 (doubling) and up to 30
+        both(ids[:, t : t + 1], t)
+    for c in caches:
+        c.batch_select_indices(torch.tensor([0, 2]))
+    ids = ids[[0, 2]]
+    both(ids[:, 30:34], 30)  # a verification pass of 4 tokens
+    for c in caches:
+        crop_cache(c, 31)  # 1 of 4 accepted
+        assert c.get_seq_length() == 31
+    for t in range(31, 40):
+        both(ids[:, t : t + 1], t)

@@ -22,6 +22,7 @@ import torch
 
 from lkspec.errors import LkspecError
 from lkspec.sampling import check_temperature, warp_probs
+from lkspec.targets.kv_cache import new_cache
 from lkspec.targets.model import Target, cached_decoder, select_features
 
 Keep = Literal["tail", "all"]
@@ -64,8 +65,6 @@ def decode_batch(
     "tail" keeps what the replay reads: the states from the second-to-last prompt position on. "all" keeps every
     position's, the last emitted token's included, which costs one more single-token pass per row.
     """
-    from transformers import DynamicCache
-
     check_temperature(temperature)
     if temperature > 0 and (generators is None or len(generators) != len(prompts)):
         raise ValueError("sampling at T > 0 needs one generator per prompt")
@@ -84,7 +83,7 @@ def decode_batch(
     ids, mask = ids.to(dev), mask.to(dev)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     decoder = cached_decoder(target.model)
-    cache = DynamicCache(config=target.model.config)
+    cache = new_cache(target.model.config, Pm + max_new_tokens + 1)
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                   output_hidden_states=want_aux)
     h = out.last_hidden_state
