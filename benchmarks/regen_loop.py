@@ -11,7 +11,9 @@ Side by side in one process on the embedded target, per temperature, each config
 * `loop`: `lkspec.targets.decode.decode_batch` as regeneration now runs it (inverse-CDF sampling, finished rows
   leave the batch);
 * `loop+states`: the same keeping every position's state (one more single-token pass per row), plus the
-  teacher-forced pass those states replace (`forward_docs` over the batch: what `lkspec data features` would run).
+  teacher-forced pass those states replace (`forward_docs` over the batch: what `lkspec data features` would run);
+* `loop+states, HF cache`: the same with HF's `DynamicCache`, which appends by `torch.cat` of the whole cache at
+  every step (what the loop used until 2026-12-08; now `lkspec.targets.kv_cache` writes into buffers in place).
 
 Prints new tokens per second of each and the ratios; the prompts are MT-bench, HumanEval and GSM8K prompts past
 the first 40 of each (the demo's training prompts).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 
@@ -56,6 +59,13 @@ def states_pass(target: Target, seqs: list[list[int]]) -> None:
     target.states(ids, mask)
 
 
+def hf_cache(config: object, capacity: int) -> object:
+    """HF's cache, as decode_batch built it before `lkspec.targets.kv_cache`."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=64)
@@ -70,8 +80,10 @@ def main() -> None:
     print(f"embedded target, {len(prompts)} prompts x <= {args.max_new_tokens} new tokens, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
     for T in args.temperatures:
-        secs = {"hf-generate": 0.0, "loop": 0.0, "loop+states": 0.0}
+        secs = {"hf-generate": 0.0, "loop": 0.0, "loop+states": 0.0, "hf-cache": 0.0}
         toks = dict.fromkeys(secs, 0)
+        secs["pass"] = 0.0
+        same = True
         for b, batch in enumerate(batches):
             gens = None if T == 0 else [torch.Generator().manual_seed(1000 * b + i) for i in range(len(batch))]
             t0 = time.perf_counter()
@@ -85,17 +97,27 @@ def main() -> None:
             t3 = time.perf_counter()
             states_pass(target, [p + d.tokens for p, d in zip(batch, kept, strict=True)])
             t4 = time.perf_counter()
+            gens = None if T == 0 else [torch.Generator().manual_seed(1000 * b + i) for i in range(len(batch))]
+            with mock.patch("lkspec.targets.decode.new_cache", hf_cache):
+                old = decode_batch(target, batch, temperature=T, max_new_tokens=args.max_new_tokens, generators=gens,
+                                   keep="all")
+            t5 = time.perf_counter()
+            secs["hf-cache"] += t5 - t4
+            toks["hf-cache"] += sum(len(d.tokens) for d in old)
+            same &= [d.tokens for d in old] == [d.tokens for d in kept]
             secs["hf-generate"] += t1 - t0
             secs["loop"] += t2 - t1
             secs["loop+states"] += t3 - t2
-            secs["pass"] = secs.get("pass", 0.0) + t4 - t3
+            secs["pass"] += t4 - t3
             toks["loop"] += sum(len(d.tokens) for d in out)
             toks["loop+states"] += sum(len(d.tokens) for d in kept)
         rate = {k: toks[k] / secs[k] for k in toks}
         print(f"T = {T:g}: hf-generate {rate['hf-generate']:.1f} tok/s, loop {rate['loop']:.1f} tok/s "
               f"({rate['loop'] / rate['hf-generate']:.2f}x), loop+states {rate['loop+states']:.1f} tok/s; "
               f"the pass the states replace: {secs['pass']:.1f} s vs {secs['loop+states'] - secs['loop']:.1f} s "
-              f"of keeping them")
+              f"of keeping them; with HF's DynamicCache {rate['hf-cache']:.1f} tok/s "
+              f"(in-place buffers {rate['loop+states'] / rate['hf-cache']:.2f}x, "
+              f"{'the same' if same else 'DIFFERENT'} tokens)")
 
 
 if __name__ == "__main__":
