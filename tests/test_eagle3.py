@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lkspec.drafts import build_draft
+from lkspec.errors import LkspecError
 
 SMALL = {"hidden_size": 16, "vocab_size": 50, "num_heads": 4, "aux_layers": [1, 2, 3], "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 32, "rope_theta": 100.0}
@@ -130,6 +131,12 @@ def test_chains_run_only_at_the_given_anchors_with_the_same_values_and_gradients
     for k in range(d.num_heads):  # rows with other anchors: each row by its own
         torch.testing.assert_close(batch[k][0], part[k][0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(batch[k][1], full[k][0], rtol=1e-12, atol=1e-12)
+    late = d.head_states(f, i, segments=seg, anchors=anchors, first=5)  # context-only positions as well
+    for k in range(1, d.num_heads + 1):
+        m = anchors[0, 5 : 20 - k]
+        torch.testing.assert_close(late[k - 1][0, m], full[k - 1][0, 5:][m], rtol=1e-12, atol=1e-12)
+    with pytest.raises(LkspecError, match="bool mask"):
+        d.head_states(f, i, anchors=anchors.long())
 
 
 def test_training_step_computes_chains_at_trained_anchors_only(tiny_target):
@@ -327,7 +334,6 @@ def test_export_layouts_reload_as_the_same_draft(tmp_path, fmt, truncated):
 
 
 def test_check_servable_refuses_what_vllm_would_misread():
-    from lkspec.errors import LkspecError
     from lkspec.export.layouts import layout
     from lkspec.export.vllm_rules import check_servable
 

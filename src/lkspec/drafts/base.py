@@ -140,7 +140,8 @@ class Draft(torch.nn.Module, ABC):
     @abstractmethod
     def head_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Teacher-forced features for each head k: [B, T-k, D_k], before its vocabulary projection. A draft that
-        `attends` also takes `segments` [B, T] (document ids of a packed row) and `first` (see `forward`)."""
+        `attends` also takes `segments` [B, T] (document ids of a packed row), `first` (see `forward`) and `anchors`
+        [B, T] bool (the only anchors whose states the trainer reads; the others may come back as zeros)."""
 
     @abstractmethod
     def head_weight(self, k: int) -> torch.Tensor:

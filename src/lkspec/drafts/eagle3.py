@@ -24,6 +24,7 @@ that decoder layer), vLLM's default (2, L // 2, L - 3) unless configured.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -261,9 +262,12 @@ class Eagle3(Draft):
         ids = input_ids.to(dev).long()
         n1 = max(T - 1, 0)
         blocks = document_blocks(None if segments is None else segments[0, :n1], n1)
-        at = torch.arange(first, n1, device=dev)  # anchors computed, ascending
+        at = torch.arange(min(first, n1), n1, device=dev)  # anchors computed, ascending
         if anchors is not None:
+            if anchors.dtype != torch.bool:
+                raise LkspecError(f"anchors must be a bool mask [B, T], got {anchors.dtype}")
             at = at[anchors[0, first:n1].to(dev)]
+        at_list = at.tolist()
         x = self.fc(self._as_param_dtype(hidden[:, :n1]))
         u = layer.inputs(self.embed_tokens(ids[:, 1 : 1 + n1]), x)
         k1, v1 = attn.kv(u, torch.arange(n1, device=dev))
@@ -273,7 +277,7 @@ class Eagle3(Draft):
         out = [self._dense(self.norm(g), at, max(n1 - first, 0), first)]
         chain_k, chain_v = [], []
         for j in range(2, self.num_heads + 1):
-            n = int(torch.searchsorted(at, T - j))  # anchors <= T-j-1: their chain's token j exists
+            n = bisect.bisect_left(at_list, T - j)  # anchors <= T-j-1: their chain's token j exists
             at, g = at[:n], g[:, :n]
             q, kj, vj = attn.qkv(layer.inputs(self.embed_tokens(ids[:, at + j]), g), at + (j - 1))
             chain_k = [c[:, :, :n] for c in chain_k] + [kj]

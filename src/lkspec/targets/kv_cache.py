@@ -10,6 +10,7 @@ cache back to the accepted prefix) shortens the view; the next update overwrites
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -23,13 +24,22 @@ def new_cache(config: Any, capacity: int = 0) -> Any:
     cache = DynamicCache(config=config)
     try:
         from transformers.cache_utils import DynamicLayer
-    except ImportError:  # transformers 4.x keeps its cache as lists, without layer objects
+    except ImportError:  # before 4.54 the cache is lists, without layer objects
+        return cache
+    if not _layer_api(DynamicLayer):  # 4.54-4.57 layers initialise differently: HF's own
         return cache
     layer_cls = _growing_layer(DynamicLayer)
     layers = getattr(cache, "layers", None)
     if layers:
         cache.layers = [layer_cls(capacity) if type(layer) is DynamicLayer else layer for layer in layers]
     return cache
+
+
+def _layer_api(layer: type) -> bool:
+    """Whether HF's layer works as the subclass below assumes (transformers 5: `is_initialized`, and
+    `lazy_initialization(key_states, value_states)`)."""
+    params = inspect.signature(layer.lazy_initialization).parameters
+    return "value_states" in params and hasattr(layer(), "is_initialized")
 
 
 _CLASSES: dict[type, type] = {}
@@ -60,6 +70,8 @@ def _growing_layer(base: type) -> type:
             m = n + key_states.shape[-2]
             k, v = self._k, self._v
             if k is None or v is None or (n and not self._owns()) or m > k.shape[-2] or k.shape[0] != len(key_states):
+                if n and len(self.keys) != len(key_states):
+                    raise ValueError(f"the cache holds {len(self.keys)} rows, the update {len(key_states)}")
                 cap = max(m, self.capacity, 2 * n)
                 k = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
                 v = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
@@ -73,10 +85,15 @@ def _growing_layer(base: type) -> type:
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Rows leave the batch: their filled part moves to a smaller buffer of the same capacity."""
             n = self.get_seq_length()
             if n and self._owns() and self._k is not None and self._v is not None:
-                self._k, self._v = self._k[indices], self._v[indices]
-                self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+                k = self._k.new_empty((len(indices), *self._k.shape[1:]))
+                v = self._v.new_empty((len(indices), *self._v.shape[1:]))
+                k[..., :n, :] = self.keys[indices]
+                v[..., :n, :] = self.values[indices]
+                self._k, self._v = k, v
+                self.keys, self.values = k[..., :n, :], v[..., :n, :]
             else:
                 super().batch_select_indices(indices)
 
