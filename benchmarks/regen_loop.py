@@ -59,6 +59,11 @@ def states_pass(target: Target, seqs: list[list[int]]) -> None:
     target.states(ids, mask)
 
 
+def generators(T: float, batch: int, rows: int) -> list[torch.Generator] | None:
+    """The same draws for every configuration of a batch (None: greedy)."""
+    return None if T == 0 else [torch.Generator().manual_seed(1000 * batch + i) for i in range(rows)]
+
+
 def hf_cache(config: object, capacity: int) -> object:
     """HF's cache, as decode_batch built it before `lkspec.targets.kv_cache`."""
     from transformers import DynamicCache
@@ -85,19 +90,19 @@ def main() -> None:
         secs["pass"] = 0.0
         same = True
         for b, batch in enumerate(batches):
-            gens = None if T == 0 else [torch.Generator().manual_seed(1000 * b + i) for i in range(len(batch))]
+            gens = generators(T, b, len(batch))
             t0 = time.perf_counter()
             toks["hf-generate"] += hf_generate(target, batch, T, args.max_new_tokens, b)
             t1 = time.perf_counter()
             out = decode_batch(target, batch, temperature=T, max_new_tokens=args.max_new_tokens, generators=gens)
             t2 = time.perf_counter()
-            gens = None if T == 0 else [torch.Generator().manual_seed(1000 * b + i) for i in range(len(batch))]
+            gens = generators(T, b, len(batch))
             kept = decode_batch(target, batch, temperature=T, max_new_tokens=args.max_new_tokens, generators=gens,
                                 keep="all")
             t3 = time.perf_counter()
             states_pass(target, [p + d.tokens for p, d in zip(batch, kept, strict=True)])
             t4 = time.perf_counter()
-            gens = None if T == 0 else [torch.Generator().manual_seed(1000 * b + i) for i in range(len(batch))]
+            gens = generators(T, b, len(batch))
             with mock.patch("lkspec.targets.decode.new_cache", hf_cache):
                 old = decode_batch(target, batch, temperature=T, max_new_tokens=args.max_new_tokens, generators=gens,
                                    keep="all")

@@ -135,7 +135,7 @@ def test_growing_kv_cache_gives_hf_caches_outputs(tiny_target, capacity) -> None
 def test_growing_kv_cache_refuses_a_batch_change_and_defers_to_other_cache_apis(tiny_target, monkeypatch) -> None:
     from transformers.cache_utils import DynamicLayer
 
-    from lkspec.targets.kv_cache import new_cache
+    from lkspec.targets.kv_cache import _growing_layer, new_cache
 
     layer = new_cache(tiny_target.model.config, 4).layers[0]
     layer.update(torch.zeros(2, 1, 3, 8), torch.zeros(2, 1, 3, 8))
@@ -143,4 +143,8 @@ def test_growing_kv_cache_refuses_a_batch_change_and_defers_to_other_cache_apis(
         layer.update(torch.zeros(3, 1, 2, 8), torch.zeros(3, 1, 2, 8))
     # transformers 4.56-4.57: lazy_initialization(key_states) only; the layer stays HF's
     monkeypatch.setattr(DynamicLayer, "lazy_initialization", lambda self, key_states: None)
-    assert all(type(x) is DynamicLayer for x in new_cache(tiny_target.model.config, 4).layers)
+    _growing_layer.cache_clear()  # the check runs once per process
+    try:
+        assert all(type(x) is DynamicLayer for x in new_cache(tiny_target.model.config, 4).layers)
+    finally:
+        _growing_layer.cache_clear()

@@ -10,6 +10,7 @@ cache back to the accepted prefix) shortens the view; the next update overwrites
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -22,33 +23,26 @@ def new_cache(config: Any, capacity: int = 0) -> Any:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:  # before 4.54 the cache is lists, without layer objects
-        return cache
-    if not _layer_api(DynamicLayer):  # 4.54-4.57 layers initialise differently: HF's own
-        return cache
-    layer_cls = _growing_layer(DynamicLayer)
+    layer_cls, hf_layer = _growing_layer()
     layers = getattr(cache, "layers", None)
-    if layers:
-        cache.layers = [layer_cls(capacity) if type(layer) is DynamicLayer else layer for layer in layers]
+    if layer_cls is not None and layers:
+        cache.layers = [layer_cls(capacity) if type(layer) is hf_layer else layer for layer in layers]
     return cache
 
 
-def _layer_api(layer: type) -> bool:
-    """Whether HF's layer works as the subclass below assumes (transformers 5: `is_initialized`, and
-    `lazy_initialization(key_states, value_states)`)."""
-    params = inspect.signature(layer.lazy_initialization).parameters
-    return "value_states" in params and hasattr(layer(), "is_initialized")
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _growing_layer(base: type) -> type:
-    """HF's `DynamicLayer` with buffers (made once per base class: transformers is imported lazily)."""
-    if base in _CLASSES:
-        return _CLASSES[base]
+@functools.cache
+def _growing_layer() -> tuple[type | None, type | None]:
+    """HF's `DynamicLayer` with buffers, and HF's class it replaces; (None, None) where this transformers' layers do
+    not work as assumed (built once: transformers is imported lazily)."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # before 4.54 the cache is lists, without layer objects
+        return None, None
+    # 4.54-4.57 layers initialise differently (no `is_initialized`, lazy_initialization(key_states)): HF's own
+    if "value_states" not in inspect.signature(DynamicLayer.lazy_initialization).parameters \
+            or not hasattr(DynamicLayer(), "is_initialized"):
+        return None, None
+    base: Any = DynamicLayer
 
     class GrowingLayer(base):  # type: ignore[misc, valid-type]
         def __init__(self, capacity: int = 0) -> None:
@@ -97,5 +91,4 @@ def _growing_layer(base: type) -> type:
             else:
                 super().batch_select_indices(indices)
 
-    _CLASSES[base] = GrowingLayer
-    return GrowingLayer
+    return GrowingLayer, DynamicLayer
